@@ -1,0 +1,85 @@
+// Shared host-side helpers for the dynnet ops: input validation (used by every dispatch key,
+// so CPU and CUDA reject exactly the same inputs with the same messages), ceil_div, and the
+// activation enum parsed once from the op's string argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace dynnet {
+
+enum class Activation { None, Relu };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::Relu;
+  if (name == "none") return Activation::None;
+  TORCH_CHECK(false, "dynnet: activation must be 'relu' or 'none', got '", std::string(name), "'");
+}
+
+template <typename T>
+constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+#define DYNNET_CHECK_DTYPE(name, t)                                                          \
+  TORCH_CHECK(::dynnet::is_supported_dtype((t).scalar_type()), "dynnet: ", name,             \
+              " must be float32, float64, float16 or bfloat16, got ", (t).scalar_type())
+
+#define DYNNET_CHECK_SAME(name, t, ref_name, ref)                                            \
+  do {                                                                                       \
+    TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), "dynnet: ", name,                  \
+                " must have the same dtype as ", ref_name, " (", (ref).scalar_type(),        \
+                "), got ", (t).scalar_type());                                               \
+    TORCH_CHECK((t).device() == (ref).device(), "dynnet: ", name,                            \
+                " must be on the same device as ", ref_name, " (", (ref).device(), "), got ", \
+                (t).device());                                                               \
+  } while (0)
+
+// Checks the forward arguments: x (*, in), weight (out, in), bias (out) or none.
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  DYNNET_CHECK_DTYPE("x", x);
+  TORCH_CHECK(x.dim() >= 1, "dynnet: x must have at least 1 dimension (*, in_features), got a ",
+              x.dim(), "-d tensor");
+  TORCH_CHECK(weight.dim() == 2, "dynnet: weight must be 2-d (out_features, in_features), got shape ",
+              weight.sizes());
+  DYNNET_CHECK_SAME("weight", weight, "x", x);
+  TORCH_CHECK(x.size(-1) == weight.size(1), "dynnet: x's last dimension (", x.size(-1),
+              ") must equal weight's in_features (weight.shape[1] = ", weight.size(1),
+              "); x has shape ", x.sizes(), ", weight has shape ", weight.sizes());
+  if (bias.has_value()) {
+    DYNNET_CHECK_SAME("bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "dynnet: bias must have shape (out_features,) = (", weight.size(0), ",), got ",
+                bias->sizes());
+  }
+}
+
+// Checks the backward arguments against the forward's: grad_y and y are (*, out).
+inline void check_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                       const at::Tensor& weight, const at::Tensor& y) {
+  check_linear_args(x, weight, std::nullopt);
+  DYNNET_CHECK_SAME("grad_y", grad_y, "x", x);
+  DYNNET_CHECK_SAME("y", y, "x", x);
+  auto expected = x.sizes().vec();
+  expected.back() = weight.size(0);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(expected), "dynnet: grad_y must have shape ",
+              at::IntArrayRef(expected), " (x's leading dims, out_features), got ", grad_y.sizes());
+  TORCH_CHECK(y.sizes() == at::IntArrayRef(expected), "dynnet: y must have shape ",
+              at::IntArrayRef(expected), " (x's leading dims, out_features), got ", y.sizes());
+}
+
+// Output shape (*, out) for x (*, in).
+inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, const at::Tensor& weight) {
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return shape;
+}
+
+}  // namespace dynnet

@@ -1,0 +1,47 @@
+// The op schemas of the `dynnet` namespace - the one place ops are declared - and the Python
+// module `dynnet_ext._C`, whose only job is to be importable (loading it registers the ops and
+// kernels) and to say what was compiled.
+//
+// linear_relu(x, weight, bias, activation) -> y
+//   y = act(x @ weight.T + bias), x: (*, in), weight: (out, in), bias: (out,) or None,
+//   activation: 'relu' or 'none'. y: (*, out), a new contiguous tensor.
+// linear_relu_backward(grad_y, x, weight, y, activation, output_mask) -> (grad_x, grad_weight, grad_bias)
+//   With g = grad_y * (y > 0) for 'relu' (the mask comes from the saved output, as
+//   threshold_backward does; y may be None for 'none'): grad_x = g @ weight, grad_weight = g.T @ x,
+//   grad_bias = g.sum over leading dims. A gradient whose output_mask entry is false is not
+//   computed and is returned as an empty tensor of shape (0,).
+
+#include <torch/extension.h>
+
+#include "common.h"
+
+TORCH_LIBRARY(dynnet, m) {
+  m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
+  m.def(
+      "linear_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? y, str activation, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// setup.py defines these; the defaults keep a hand build working.
+#ifndef DYNNET_CUDA_ARCHS
+#define DYNNET_CUDA_ARCHS ""
+#endif
+#ifndef DYNNET_TORCH_VERSION
+#define DYNNET_TORCH_VERSION "unknown"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "dynnet_ext compiled kernels (loading this module registers torch.ops.dynnet.*)";
+  module.def("build_info", []() {
+    pybind11::dict info;
+    info["cpu_kernels"] = true;
+#ifdef DYNNET_WITH_CUDA
+    info["cuda_kernels"] = true;
+#else
+    info["cuda_kernels"] = false;
+#endif
+    info["cuda_archs"] = std::string(DYNNET_CUDA_ARCHS);
+    info["torch_version"] = std::string(DYNNET_TORCH_VERSION);  // the torch it was built against
+    return info;
+  });
+}

@@ -1,0 +1,16 @@
+"""dynnet_ext: fused Linear + bias + ReLU kernels (C++ on CPU, CUDA on GPU) for PyTorch, and the
+dynamic-depth DynamicNet built on them.
+
+    import dynnet_ext
+    model = dynnet_ext.DynamicNet(1000, 100, 10)          # the seed's model, fused layers
+    layer = dynnet_ext.nn.FusedLinearReLU(1000, 100)       # drop-in for nn.Linear + nn.ReLU
+    y = dynnet_ext.functional.fused_linear_relu(x, w, b)   # functional form
+"""
+
+from . import functional, nn, reference
+from .models import DynamicNet
+from .ops import BUILD_INFO, LinearReLUFunction, has_kernels
+
+__version__ = "0.1.0"
+
+__all__ = ["DynamicNet", "LinearReLUFunction", "functional", "nn", "reference", "has_kernels", "BUILD_INFO"]

@@ -1,0 +1,55 @@
+"""Modules: drop-in replacements for nn.Linear (FusedLinear) and nn.Linear + nn.ReLU
+(FusedLinearReLU). Same constructor, parameter names, shapes and initialisation as nn.Linear,
+so state_dicts load both ways and the same seed gives the same weights."""
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional
+
+
+class FusedLinear(nn.Module):
+    """y = x @ weight.T + bias. x: (*, in_features) -> (*, out_features).
+
+    Not a subclass of nn.Linear on purpose: code that finds layers by isinstance(m, nn.Linear)
+    and rewrites them (quantizers, LoRA injectors) would silently drop FusedLinearReLU's ReLU.
+    """
+
+    activation = "none"
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's initialisation, in the same order (same random stream, same numbers).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_features
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return functional.fused_linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class FusedLinearReLU(FusedLinear):
+    """y = relu(x @ weight.T + bias) in one fused op. x: (*, in_features) -> (*, out_features)."""
+
+    activation = "relu"
+
+    def forward(self, x):
+        return functional.fused_linear_relu(x, self.weight, self.bias)
