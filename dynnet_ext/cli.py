@@ -1,0 +1,147 @@
+"""Command line: `python -m dynnet_ext {train,bench,info}` (also installed as `dynnet-ext`).
+
+train  the seed's training (N=64, D_in=1000, H=100, D_out=10, Adam lr 1e-4,
+       MSELoss(reduction='sum'), 100 epochs) on fused layers, CPU by default
+bench  fused vs stock PyTorch vs torch.compile (see benchmarks/README.md)
+info   what was compiled and what this machine has
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+SEED_SHAPE = {"N": 64, "D_in": 1000, "H": 100, "D_out": 10}
+
+
+def build_model(impl, D_in, H, D_out, device):
+    from . import models, reference
+
+    cls = models.DynamicNet if impl == "fused" else reference.DynamicNet
+    return cls(D_in, H, D_out, device=device)
+
+
+def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=1000, H=100, D_out=10,
+          log=None):
+    """The seed's training loop. Returns (losses, step_seconds, depths).
+
+    Data, weights and depths come from `seed` in the seed's order (inputs, labels, model), so
+    impl='fused' and impl='stock' see identical numbers. `log(epoch, loss, depth)` is called
+    after each step.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    x = torch.randn(N, D_in).to(device)
+    label = torch.randn(N, D_out).to(device)
+    model = build_model(impl, D_in, H, D_out, device)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses, times, depths = [], [], []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        depth = random.randint(0, 3)
+        pred = model(x, depth)
+        loss = loss_fn(pred, label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        value = loss.item()  # synchronises, so the step time below is complete
+        times.append(time.perf_counter() - t0)
+        losses.append(value)
+        depths.append(depth)
+        if log:
+            log(epoch, value, depth)
+    return losses, times, depths
+
+
+def _cmd_train(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"dynnet_ext train: --device {args.device} asked for, but torch sees no CUDA GPU")
+    if args.epochs < 1:
+        sys.exit("dynnet_ext train: --epochs must be at least 1")
+    width = len(str(args.epochs))
+    bar = 20
+
+    def log(epoch, loss, depth):
+        done = (epoch + 1) * bar // args.epochs
+        print(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch:>{width}}/{args.epochs} "
+              f"depth {depth} loss {loss}", flush=True)
+
+    print(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "
+          f"N={args.N} D_in={args.D_in} H={args.H} D_out={args.D_out} (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    losses, times, depths = train(args.epochs, args.device, args.seed, args.impl, args.lr,
+                                  args.N, args.D_in, args.H, args.D_out, log=log)
+    steady = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
+    print(f"done: {args.epochs} steps in {sum(times):.3f} s; step time median "
+          f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; depths 0/1/2/3 drawn "
+          + "/".join(str(depths.count(d)) for d in range(4)) + " times")
+    return 0
+
+
+def _cmd_info(args):
+    from . import ops
+
+    print(f"dynnet_ext {__import__('dynnet_ext').__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), {torch.get_num_threads()} CPU threads")
+    if ops.LOAD_ERROR is not None:
+        print(f"compiled kernels: NOT LOADED ({ops.LOAD_ERROR}); everything runs on stock PyTorch")
+    else:
+        info = ops.BUILD_INFO
+        print(f"compiled against torch {info['torch_version']}")
+        print(f"CPU kernels: {'yes' if info['cpu_kernels'] else 'no'}")
+        archs = f" (archs {info['cuda_archs']})" if info["cuda_kernels"] else ""
+        print(f"CUDA kernels: {'yes' if info['cuda_kernels'] else 'no'}{archs}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print("GPU: none visible")
+    return 0
+
+
+def _cmd_bench(args):
+    from . import bench
+
+    return bench.run(args)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(prog="python -m dynnet_ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the seed's DynamicNet (fused layers, CPU by default)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seeds torch and Python's random (data, weights, depths)")
+    p.add_argument("--impl", choices=["fused", "stock"], default="fused",
+                   help="fused: dynnet_ext layers; stock: nn.Linear + nn.ReLU as in the seed")
+    p.add_argument("--lr", type=float, default=1e-4)
+    for name, value in SEED_SHAPE.items():
+        p.add_argument(f"--{name}", type=int, default=value)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("info", help="what was compiled and what this machine has")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="benchmark fused vs stock PyTorch vs torch.compile")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
