@@ -75,6 +75,14 @@ inline void check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
               at::IntArrayRef(expected), " (x's leading dims, out_features), got ", y.sizes());
 }
 
+// Number of rows M when (*, features) is viewed as (M, features). Computed, not inferred with
+// reshape(-1, ...), which is ambiguous when features == 0.
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 // Output shape (*, out) for x (*, in).
 inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, const at::Tensor& weight) {
   auto shape = x.sizes().vec();

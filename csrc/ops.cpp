@@ -6,8 +6,8 @@
 //   y = act(x @ weight.T + bias), x: (*, in), weight: (out, in), bias: (out,) or None,
 //   activation: 'relu' or 'none'. y: (*, out), a new contiguous tensor.
 // linear_relu_backward(grad_y, x, weight, y, activation, output_mask) -> (grad_x, grad_weight, grad_bias)
-//   With g = grad_y * (y > 0) for 'relu' (the mask comes from the saved output, as
-//   threshold_backward does; y may be None for 'none'): grad_x = g @ weight, grad_weight = g.T @ x,
+//   With g = (y <= 0 ? 0 : grad_y) for 'relu' (the mask comes from the saved output and treats
+//   NaN exactly as threshold_backward does; y may be None for 'none'): grad_x = g @ weight, grad_weight = g.T @ x,
 //   grad_bias = g.sum over leading dims. A gradient whose output_mask entry is false is not
 //   computed and is returned as an empty tensor of shape (0,).
 

@@ -8,14 +8,15 @@
 // before the GEMM and runs ReLU as a second full pass and a second autograd node. Here bias
 // and activation share one pass over y, which at the seed's size (64 x 100) is still in cache.
 //
-// Backward, g = grad_y masked by (y > 0):
+// Backward, g = (y <= 0 ? 0 : grad_y):
 //   one pass writes g and, in the same loop, reduces grad_bias (accumulated in acc_type:
 //   double for float, float for half types; columns split across threads, so the sum order is
 //   fixed and results are deterministic), then grad_x = g @ weight and grad_weight = g.T @ x
 //   as two GEMMs. Gradients not asked for are neither computed nor allocated.
 //
-// ReLU keeps NaN: `v < 0 ? 0 : v` returns v for NaN (fmax(NaN, 0) would return 0), and the mask
-// `y > 0` drops the gradient where y is NaN, as threshold_backward does.
+// NaN behaves as in stock PyTorch: ReLU is `v < 0 ? 0 : v`, which keeps NaN (fmax(NaN, 0) would
+// give 0), and the backward mask is `y <= 0 ? 0 : g`, which lets the gradient through where y is
+// NaN, exactly as threshold_backward (ReLU's stock backward) does. `y > 0 ? g : 0` would not.
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -55,11 +56,14 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_relu's CPU kernel got x on ", x.device());
 
   const int64_t K = weight.size(1), N = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, K});
-  const int64_t M = x2.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t M = leading_rows(x);
+  const at::Tensor x2 = x.reshape({M, K});
+  // Allocated in its final shape and filled through a 2-d view: the op returns a tensor that is
+  // nobody's view (autograd forbids in-place changes to views made inside a custom Function).
+  at::Tensor y = at::empty(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M > 0 && N > 0) {
-    at::mm_out(y, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
+    at::Tensor y2 = y.view({M, N});
+    at::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
     const bool has_bias = bias.has_value();
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_cpu", [&] {
@@ -73,7 +77,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
       }
     });
   }
-  return y.view(linear_out_shape(x, weight));
+  return y;
 }
 
 // Writes g = mask(grad_y) (when g != nullptr) and grad_bias = column sums of g (when gb != nullptr).
@@ -93,7 +97,7 @@ void mask_and_bias_grad(const scalar_t* gy, int64_t gy_ld, const scalar_t* y, in
       scalar_t* gr = g ? g + i * cols : nullptr;
       for (int64_t j = c0; j < c1; ++j) {
         scalar_t v = gyr[j];
-        if constexpr (kRelu) v = yr[j] > scalar_t(0) ? v : scalar_t(0);
+        if constexpr (kRelu) v = yr[j] <= scalar_t(0) ? scalar_t(0) : v;
         if (gr) gr[j] = v;
         if (gb) acc[j - c0] += static_cast<acc_t>(v);
       }
@@ -118,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_relu_backward's CPU kernel got x on ", x.device());
 
   const int64_t K = weight.size(1), N = weight.size(0);
-  const at::Tensor gy2 = rows_contiguous(grad_y.reshape({-1, N}));
-  const int64_t M = gy2.size(0);
+  const int64_t M = leading_rows(x);
+  const at::Tensor gy2 = rows_contiguous(grad_y.reshape({M, N}));
   const auto [need_gx, need_gw, need_gb] = output_mask;
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
@@ -128,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const bool relu = act == Activation::Relu;
   if (relu && (need_gx || need_gw)) g = at::empty({M, N}, x.options());
   if ((relu && (need_gx || need_gw)) || need_gb) {
-    const at::Tensor y2 = relu ? rows_contiguous(y->reshape({-1, N})) : at::Tensor();
+    const at::Tensor y2 = relu ? rows_contiguous(y->reshape({M, N})) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
       const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
       scalar_t* gbp = need_gb ? gb.data_ptr<scalar_t>() : nullptr;
@@ -143,8 +147,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   }
 
   at::Tensor gx = empty(), gw = empty();
-  if (need_gx) gx = at::mm(g, weight).view(x.sizes());
-  if (need_gw) gw = at::mm(g.t(), x.reshape({-1, K}));
+  if (need_gx) {
+    gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor gx2 = gx.view({M, K});
+    at::mm_out(gx2, g, weight);
+  }
+  if (need_gw) gw = at::mm(g.t(), x.reshape({M, K}));
   return {gx, gw, gb};
 }
 
