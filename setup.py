@@ -101,8 +101,9 @@ def make_extension():
     )
 
 
-setup(
-    packages=find_packages(include=["dynnet_ext", "dynnet_ext.*"]),
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import it
+    setup(
+        packages=find_packages(include=["dynnet_ext", "dynnet_ext.*"]),
+        ext_modules=[make_extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
+    )

@@ -67,7 +67,7 @@ def _cmd_train(args):
 
     def log(epoch, loss, depth):
         done = (epoch + 1) * bar // args.epochs
-        print(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch:>{width}}/{args.epochs} "
+        print(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch + 1:>{width}}/{args.epochs} "
               f"depth {depth} loss {loss}", flush=True)
 
     print(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "

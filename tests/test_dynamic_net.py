@@ -1,0 +1,84 @@
+"""The fused DynamicNet against the seed's stock model."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import tol
+from dynnet_ext import DynamicNet, reference
+
+
+def pair(D_in=12, H=8, D_out=3, device="cpu", dtype=torch.float32):
+    fused = DynamicNet(D_in, H, D_out, device=device, dtype=dtype)
+    stock = reference.DynamicNet(D_in, H, D_out, device=device, dtype=dtype)
+    stock.load_state_dict(fused.state_dict())
+    return fused, stock
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_matches_stock_outputs_and_grads(depth, device):
+    fused, stock = pair(device=device)
+    x = torch.randn(16, 12, device=device)
+    out_f, out_s = fused(x, depth), stock(x, depth)
+    torch.testing.assert_close(out_f, out_s, **tol(torch.float32))
+    g = torch.randn_like(out_f)
+    out_f.backward(g)
+    out_s.backward(g)
+    for (name, pf), ps in zip(fused.named_parameters(), stock.parameters()):
+        if depth == 0 and name.startswith("hidden_layer"):
+            assert pf.grad is None and ps.grad is None  # unused at depth 0, as in stock
+        else:
+            torch.testing.assert_close(pf.grad, ps.grad, **tol(torch.float32), msg=name)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_gradcheck(depth, device):
+    torch.manual_seed(depth)
+    net = DynamicNet(5, 4, 3, device=device, dtype=torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(net, dict(zip(names, ps)), (x, depth))
+
+    assert torch.autograd.gradcheck(f, (x, *net.parameters()))
+
+
+def test_depth_none_draws_like_the_seed():
+    fused, stock = pair()
+    x = torch.randn(4, 12)
+    random.seed(11)
+    outs_f = [fused(x) for _ in range(8)]
+    random.seed(11)
+    outs_s = [stock(x) for _ in range(8)]
+    for a, b in zip(outs_f, outs_s):
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+    random.seed(11)
+    assert {random.randint(0, 3) for _ in range(8)} != {0}  # the draws really vary
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_bad_depth_raises(bad):
+    with pytest.raises(ValueError, match="depth must be a non-negative int"):
+        DynamicNet(4, 3, 2)(torch.randn(1, 4), bad)
+
+
+def test_stock_checkpoint_loads_and_back(tmp_path):
+    fused, stock = pair()
+    path = tmp_path / "stock.pt"
+    torch.save(stock.state_dict(), path)
+    other = DynamicNet(12, 8, 3)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(other(x, 2), stock(x, 2), **tol(torch.float32))
+    torch.save(other.state_dict(), path)
+    stock2 = reference.DynamicNet(12, 8, 3)
+    stock2.load_state_dict(torch.load(path, weights_only=True))
+    assert sorted(stock2.state_dict()) == sorted(other.state_dict())
+
+
+def test_seed_shape_and_leading_dims():
+    fused, stock = pair(1000, 100, 10)
+    x = torch.randn(2, 32, 1000)
+    torch.testing.assert_close(fused(x, 3), stock(x, 3), **tol(torch.float32))
