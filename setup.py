@@ -76,7 +76,7 @@ def nvidia_wheel_includes():
 def make_extension():
     build_cuda, cuda_home, reason = want_cuda()
     print(f"dynnet_ext: building {'CPU + CUDA' if build_cuda else 'CPU-only'} kernels ({reason})")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("DYNNET_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]
     if not build_cuda:

@@ -1,12 +1,13 @@
-"""Functional forms of the fused layers. Data path: functional -> LinearReLUFunction ->
-torch.ops.dynnet.* -> CPU or CUDA kernel. Inputs the kernels cannot take (no kernels compiled
+"""Functional forms of the fused layers. Data path: functional -> torch.ops.dynnet.linear_relu
+(its autograd formula registered in C++, csrc/autograd.cpp: the same formula as the Python
+LinearReLUFunction without the Python per-call cost) -> CPU or CUDA kernel. Inputs the kernels cannot take (no kernels compiled
 for the device, or a dtype other than float32/64, float16, bfloat16) go through stock PyTorch
 instead, with the same results."""
 
 import torch
 
 from . import reference
-from .ops import SUPPORTED_DTYPES, LinearReLUFunction, has_kernels
+from .ops import SUPPORTED_DTYPES, has_kernels
 
 
 def _autocast_dtype(device_type):
@@ -24,7 +25,7 @@ def _linear(x, weight, bias, activation):
         x, weight = x.to(cast), weight.to(cast)
         bias = bias.to(cast) if bias is not None else None
     if has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES:
-        return LinearReLUFunction.apply(x, weight, bias, activation)
+        return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
     return reference.linear_act(x, weight, bias, activation)
 
 

@@ -1,4 +1,7 @@
-"""LinearReLUFunction and the functional forms: gradcheck, needs_input_grad, fallbacks, autocast."""
+"""The autograd of the fused layer, both ways it exists: the C++ formula on the Autograd key
+(what torch.ops.dynnet.linear_relu and the functional forms use) and the Python
+LinearReLUFunction. Gradcheck, needs_input_grad, saved tensors, double backward, fallbacks,
+autocast, torch.compile."""
 
 import pytest
 import torch
@@ -8,6 +11,18 @@ import dynnet_ext
 from conftest import tol
 from dynnet_ext import LinearReLUFunction, reference
 from dynnet_ext.functional import fused_linear, fused_linear_relu
+
+
+PATHS = {
+    "cpp": lambda x, w, b, act: torch.ops.dynnet.linear_relu(x, w, b, act),
+    "python": lambda x, w, b, act: LinearReLUFunction.apply(x, w, b, act),
+}
+NODE_NAMES = {"cpp": "CppNode<dynnet::(anonymous namespace)::LinearReLU>", "python": "LinearReLUFunctionBackward"}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request):
+    return request.param
 
 
 def leaves(lead, k, n, device, dtype=torch.float64, bias=True):
@@ -22,16 +37,16 @@ def leaves(lead, k, n, device, dtype=torch.float64, bias=True):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck(fn, shape, bias, device):
     x, w, b = leaves(*shape, device, bias=bias)
-    # Keep pre-activations away from 0, where ReLU's derivative jumps and finite differences lie.
-    with torch.no_grad():
-        y = torch.nn.functional.linear(x, w, b)
-        x.add_(0)  # noqa: keep x as leaf
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-def test_gradcheck_function_directly(device):
-    x, w, b = leaves((6,), 5, 4, device)
-    assert torch.autograd.gradcheck(lambda x, w, b: LinearReLUFunction.apply(x, w, b, "relu"), (x, w, b))
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_each_path(path, activation, bias, device):
+    x, w, b = leaves((6,), 5, 4, device, bias=bias)
+    fn = PATHS[path]
+    assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, b, activation), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: fn(x, w, b, activation), (x, w, b))
 
 
 class OpLog(TorchDispatchMode):
@@ -49,11 +64,11 @@ class OpLog(TorchDispatchMode):
 @pytest.mark.parametrize(
     "needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, True, True)]
 )
-def test_only_requested_grads_are_computed(needs, device):
+def test_only_requested_grads_are_computed(needs, path, device):
     x = torch.randn(4, 5, device=device, requires_grad=needs[0])
     w = torch.randn(3, 5, device=device, requires_grad=needs[1])
     b = torch.randn(3, device=device, requires_grad=needs[2])
-    y = fused_linear_relu(x, w, b)
+    y = PATHS[path](x, w, b, "relu")
     with OpLog() as log:
         y.sum().backward()
     masks = [args[5] for name, args in log.calls if "linear_relu_backward" in name]
@@ -62,37 +77,30 @@ def test_only_requested_grads_are_computed(needs, device):
         assert (t.grad is not None) == need
 
 
-def test_saves_only_x_weight_y(device):
+def test_saves_only_x_weight_y(path, device):
     x, w, b = leaves((4,), 5, 3, device, dtype=torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = fused_linear_relu(x, w, b)
-    assert len(saved) == 3
-    assert saved[0] is x and saved[1] is w and saved[2].data_ptr() == y.data_ptr()
+        y = PATHS[path](x, w, b, "relu")
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), w.data_ptr(), y.data_ptr()]
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        fused_linear(x, w, b)
-    assert len(saved) == 2  # no activation: y is not needed
+        PATHS[path](x, w, b, "none")
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), w.data_ptr()]  # no activation: y is not needed
 
 
-def test_one_autograd_node_per_layer(device):
+def test_one_autograd_node_per_layer(path, device):
     x, w, b = leaves((4,), 5, 3, device, dtype=torch.float32)
-    y = fused_linear_relu(x, w, b)
-    assert type(y.grad_fn).__name__ == "LinearReLUFunctionBackward"
+    y = PATHS[path](x, w, b, "relu")
+    assert NODE_NAMES[path] in y.grad_fn.name()
     assert all(fn is None or type(fn).__name__ == "AccumulateGrad" for fn, _ in y.grad_fn.next_functions)
 
 
-@pytest.mark.parametrize("fn", [fused_linear_relu, fused_linear], ids=["relu", "none"])
-def test_gradgradcheck(fn, device):
-    x, w, b = leaves((2, 3), 5, 4, device)
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
-
-
-def test_gradient_penalty_matches_stock(device):
+def test_gradient_penalty_matches_stock(path, device):
     # A loss that contains a gradient: the fused layer must not silently drop its dependence.
     x, w, b = leaves((6,), 5, 4, device)
     grads = []
-    for f in (fused_linear_relu, reference.linear_act):
+    for f in (lambda x, w, b: PATHS[path](x, w, b, "relu"), reference.linear_act):
         out = f(x, w, b)
         (gx,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
         loss = out.sum() + gx.pow(2).sum()
@@ -101,9 +109,9 @@ def test_gradient_penalty_matches_stock(device):
         torch.testing.assert_close(got, want, **tol(torch.float64))
 
 
-def test_inplace_change_of_output_is_detected(device):
+def test_inplace_change_of_output_is_detected(path, device):
     x, w, b = leaves((4,), 5, 3, device)
-    y = fused_linear_relu(x, w, b)
+    y = PATHS[path](x, w, b, "relu")
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
@@ -120,7 +128,7 @@ def test_no_kernels_for_device_falls_back(monkeypatch):
     monkeypatch.setitem(dynnet_ext.ops.BUILD_INFO, "cpu_kernels", False)
     x, w, b = leaves((4,), 5, 3, "cpu")
     y = fused_linear_relu(x, w, b)
-    assert y.grad_fn is not None and "LinearReLUFunction" not in type(y.grad_fn).__name__
+    assert y.grad_fn is not None and "LinearReLU" not in y.grad_fn.name()
     torch.testing.assert_close(y, reference.linear_act(x, w, b))
 
 
@@ -143,17 +151,18 @@ def test_non_tensor_input_raises():
         fused_linear_relu([[1.0]], torch.ones(1, 1))
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    layer = dynnet_ext.nn.FusedLinearReLU(8, 5)
+def test_torch_compile_fullgraph_matches_eager(path):
+    torch._dynamo.reset()
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
     x = torch.randn(3, 8, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    y = compiled(x)
-    y.sum().backward()
-    gx, gw = x.grad.clone(), layer.weight.grad.clone()
-    x.grad = None
-    layer.weight.grad = None
-    y_eager = layer(x)
-    y_eager.sum().backward()
-    torch.testing.assert_close(y, y_eager, **tol(torch.float32))
-    torch.testing.assert_close(gx, x.grad, **tol(torch.float32))
-    torch.testing.assert_close(gw, layer.weight.grad, **tol(torch.float32))
+
+    def f(x, w, b):
+        return PATHS[path](x, w, b, "relu") * 2
+
+    results = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        y = fn(x, w, b)
+        results.append((y, *torch.autograd.grad(y.sum(), (x, w, b))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
