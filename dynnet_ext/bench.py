@@ -1,0 +1,712 @@
+"""Benchmark engine: fused (dynnet_ext) vs stock PyTorch vs torch.compile, in one process.
+
+Behind `python -m dynnet_ext bench` and the scripts in benchmarks/ (one per subject). The
+method, the options and the results.json schema are documented in benchmarks/README.md.
+
+Subjects (each timed per shape, implementations interleaved rep by rep):
+  layer   Linear + bias + ReLU: forward, backward, forward+backward
+  net     DynamicNet forward+backward at each depth 0-3
+  step    the seed's training step (forward, MSELoss(sum), zero_grad, backward, Adam(lr=1e-4)
+          step), depths cycled 0,1,2,3 over the iterations
+  memory  of a training step at depth 3: bytes autograd saves for backward (every device) and,
+          on CUDA, the peak allocation above the pre-step baseline
+"""
+
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUBJECTS = ("layer", "net", "step", "memory")
+IMPLS = ("fused", "stock", "compile", "compile-max-autotune", "addmm-activation")
+DEFAULT_IMPLS = {"cpu": ("fused", "stock", "compile"), "cuda": IMPLS}
+LAYER_PHASES = ("forward", "backward", "forward+backward")
+DEPTHS = (0, 1, 2, 3)
+MEMORY_DEPTH = 3  # the deepest graph the seed draws: the peak over its steps
+STEP_DEPTHS = "0-3"  # `depth` of step rows: iterations cycle 0,1,2,3 (the seed draws them uniformly)
+D_OUT = 10  # the network's output width (the seed's); --shapes sets batch x D_in x H
+LR = 1e-4
+
+SEED_SHAPE = "64x1000x100"
+# Full sweep: batch at the seed's widths, then width at the seed's batch.
+FULL_SHAPES = (
+    "1x1000x100", "16x1000x100", SEED_SHAPE, "256x1000x100", "1024x1000x100",
+    "64x256x256", "64x1024x1024",
+)
+
+# (reps, warm-up seconds per implementation and case, target milliseconds per rep)
+SETTINGS = {"quick": (5, 0.05, 2.0), "full": (21, 0.3, 10.0)}
+SCHEMA = 1
+
+
+# ----------------------------------------------------------------------------- options
+
+def _csv(choices):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}; got {text!r}")
+        return [c for c in choices if c in items]  # canonical order, no duplicates
+
+    return parse
+
+
+def parse_shape(text):
+    """'64x1000x100' -> (64, 1000, 100)."""
+    try:
+        dims = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"a shape is three positive ints joined by 'x' (e.g. 64x1000x100), got {text!r}")
+    return dims
+
+
+def _shapes(text):
+    shapes = [s.strip() for s in text.split(",") if s.strip()]
+    if not shapes:
+        raise argparse.ArgumentTypeError("--shapes needs at least one shape")
+    for s in shapes:
+        parse_shape(s)
+    return list(dict.fromkeys(s.lower() for s in shapes))
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
+    return value
+
+
+def add_arguments(parser, subjects=SUBJECTS):
+    """Add the bench options to `parser`. `subjects` narrows --subjects (the per-subject scripts)."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: seed shape only ({SEED_SHAPE}) unless --shapes, {SETTINGS['quick'][0]} reps, "
+                             "short warm-up")
+    parser.add_argument("--shapes", type=_shapes, default=None,
+                        help="comma-separated BATCHxINxOUT: for the layer batch x in_features x out_features, for "
+                             f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)} "
+                             f"(--quick: {SEED_SHAPE})")
+    if len(subjects) > 1:
+        parser.add_argument("--subjects", type=_csv(subjects), default=list(subjects),
+                            help=f"comma-separated, among {', '.join(subjects)} (default: all)")
+    else:
+        parser.set_defaults(subjects=list(subjects))
+    parser.add_argument("--impls", type=_csv(IMPLS), default=None,
+                        help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
+                             f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
+                             "(addmm-activation = torch._addmm_activation, layer forward only)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads, set for the run and reported (default: torch's current count)")
+    parser.add_argument("--reps", type=_positive_int, default=None,
+                        help=f"timed repetitions per implementation and row (default {SETTINGS['full'][0]}, "
+                             f"--quick {SETTINGS['quick'][0]})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write OUT/results.json, OUT/results.md and OUT/speedup.png")
+    parser.add_argument("--no-plot", action="store_true", help="with --out, skip speedup.png")
+    return parser
+
+
+def main(argv=None, subjects=SUBJECTS, prog=None, description=None):
+    """Entry point of the benchmarks/ scripts: parse argv, run, return the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, subjects)
+    return run(parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Runner:
+    """One implementation in one row: `fn()` is the timed work; `setup()`, when given, runs
+    before each call outside the timed region (e.g. the forward whose backward is timed)."""
+
+    def __init__(self, fn, setup=None, multiple=1):
+        self.fn, self.setup, self.multiple = fn, setup, multiple
+
+
+def _time_rep(runner, iters, device):
+    """Seconds per iteration over `iters` iterations (CUDA: events, synchronised)."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()  # nothing of the previous rep or implementation leaks in
+    if runner.setup is None:  # time the whole batch in one region
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                runner.fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            runner.fn()
+        return (time.perf_counter() - t0) / iters
+    total, events = 0.0, []
+    for _ in range(iters):
+        runner.setup()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.fn()
+            end.record()
+            events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            runner.fn()
+            total += time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+        total = sum(s.elapsed_time(e) for s, e in events) / 1e3
+    return total / iters
+
+
+def _warm_up(runner, device, seconds):
+    """Run until `seconds` have passed after the first call (compilation, lazy init); return
+    the median seconds per iteration seen."""
+    _time_rep(runner, runner.multiple, device)
+    times, t0 = [], time.perf_counter()
+    while len(times) < 2 or time.perf_counter() - t0 < seconds:
+        times.append(_time_rep(runner, runner.multiple, device))
+    return statistics.median(times)
+
+
+def measure(runners, device, reps, warmup_s, target_s):
+    """Time every Runner in `runners` ({impl: Runner}): warm each up, pick one iteration count
+    for all (the slowest reaches `target_s` per rep), then `reps` reps interleaved round-robin,
+    the order rotating each rep. Returns ({impl: [ms per iteration, one per rep]}, iters)."""
+    per_iter = max(_warm_up(r, device, warmup_s) for r in runners.values())
+    multiple = max(r.multiple for r in runners.values())
+    iters = max(1, math.ceil(target_s / max(per_iter, 1e-9)))
+    iters = min(math.ceil(iters / multiple) * multiple, 10000)
+    names = list(runners)
+    samples = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            samples[name].append(_time_rep(runners[name], iters, device) * 1e3)
+    return samples, iters
+
+
+def summarize(samples_ms):
+    """(median, p20, p80) of a list of milliseconds."""
+    if len(samples_ms) < 2:
+        return samples_ms[0], samples_ms[0], samples_ms[0]
+    q = statistics.quantiles(samples_ms, n=5, method="inclusive")
+    return statistics.median(samples_ms), q[0], q[3]
+
+
+# ----------------------------------------------------------------------------- subjects
+
+class _AddmmReLU(nn.Module):
+    """relu(x @ weight.T + bias) with torch._addmm_activation (cuBLASLt's fused epilogue on
+    CUDA). It has no derivative: forward rows only."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return torch._addmm_activation(self.linear.bias, x, self.linear.weight.t())
+
+
+class _MarkedStep(nn.Module):
+    """A module compiled with mode="max-autotune", which replays CUDA graphs. Each call starts
+    a new step for CUDA graph trees (the benchmark never reads an earlier call's output after
+    the next call): without the mark, forwards repeated without a backward (the forward rows)
+    would leave pending backwards and make the graphs fall back."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.compiled = torch.compile(model, mode="max-autotune")
+
+    def forward(self, *args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args)
+
+
+def _compiled(model, impl):
+    return torch.compile(model) if impl == "compile" else _MarkedStep(model)
+
+
+def _clear(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+class LayerCase:
+    """Linear(in, out) + ReLU at one shape, one model per implementation, identical weights."""
+
+    def __init__(self, shape, impls, device):
+        from .nn import FusedLinearReLU
+
+        N, fin, fout = shape
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(fin, fout, device=device), nn.ReLU())
+        self.models = {}
+        for impl in impls:
+            if impl == "fused":
+                model = FusedLinearReLU(fin, fout, device=device)
+                model.load_state_dict(base[0].state_dict())
+            elif impl == "stock":
+                model = copy.deepcopy(base)
+            elif impl == "addmm-activation":
+                model = _AddmmReLU(copy.deepcopy(base[0]))
+            else:
+                model = _compiled(copy.deepcopy(base), impl)
+            self.models[impl] = model
+        # x requires grad: the backward computes grad_x, grad_weight and grad_bias, as for a
+        # layer inside a network.
+        self.x = torch.randn(N, fin, device=device, requires_grad=True)
+        self.grad_y = torch.randn(N, fout, device=device)
+
+    def runners(self, phase):
+        return {impl: self._runner(model, phase) for impl, model in self.models.items()
+                if phase == "forward" or impl != "addmm-activation"}
+
+    def _runner(self, model, phase):
+        x, grad_y = self.x, self.grad_y
+        grads = [x, *model.parameters()]
+        if phase == "forward":  # grad mode on, as in training: the graph is recorded, then dropped
+            return Runner(lambda: model(x))
+        if phase == "forward+backward":
+            return Runner(lambda: model(x).backward(grad_y), setup=lambda: _clear(grads))
+        out = []
+
+        def setup():  # the forward whose backward the next call times
+            _clear(grads)
+            out[:] = [model(x)]
+
+        return Runner(lambda: out.pop().backward(grad_y), setup=setup)
+
+
+class NetCase:
+    """DynamicNet(D_in, H, D_OUT) at one shape, one model (and Adam) per implementation,
+    identical weights. Serves the net, step and memory subjects."""
+
+    def __init__(self, shape, impls, device):
+        from .models import DynamicNet
+        from .reference import DynamicNet as StockNet
+
+        N, D_in, H = shape
+        torch.manual_seed(0)
+        base = StockNet(D_in, H, D_OUT, device=device)
+        self.models, self.optimizers = {}, {}
+        for impl in impls:
+            if impl == "addmm-activation":  # a layer's forward only
+                continue
+            if impl == "fused":
+                model = DynamicNet(D_in, H, D_OUT, device=device)
+                model.load_state_dict(base.state_dict())
+            elif impl == "stock":
+                model = copy.deepcopy(base)
+            else:
+                model = _compiled(copy.deepcopy(base), impl)
+            self.models[impl] = model
+            self.optimizers[impl] = torch.optim.Adam(model.parameters(), lr=LR)
+        self.x = torch.randn(N, D_in, device=device)  # the seed's input: no grad
+        self.label = torch.randn(N, D_OUT, device=device)
+        self.grad_y = torch.randn(N, D_OUT, device=device)
+        self.loss_fn = nn.MSELoss(reduction="sum")
+
+    def net_runners(self, depth):
+        def runner(model):
+            params = list(model.parameters())
+            return Runner(lambda: model(self.x, depth).backward(self.grad_y), setup=lambda: _clear(params))
+
+        return {impl: runner(model) for impl, model in self.models.items()}
+
+    def step(self, impl, depth):
+        """The seed's training step, in the seed's order."""
+        model, optimizer = self.models[impl], self.optimizers[impl]
+        loss = self.loss_fn(model(self.x, depth), self.label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def step_runners(self):
+        def runner(impl):
+            depths = itertools.cycle(DEPTHS)
+            return Runner(lambda: self.step(impl, next(depths)), multiple=len(DEPTHS))
+
+        return {impl: runner(impl) for impl in self.models}
+
+    def saved_tensor_bytes(self, impl, depth):
+        """Bytes of the distinct storages autograd saves for backward in one forward, without
+        the parameters and the input batch (which exist anyway): the activation memory."""
+        model = self.models[impl]
+        exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        exclude.add(self.x.untyped_storage().data_ptr())
+        seen = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in exclude:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(self.x, depth)  # keeps the saved tensors alive until the sum
+        total = sum(seen.values())
+        del out
+        return total
+
+    def cuda_peak_step_bytes(self, impl, depth):
+        """Peak CUDA allocation during one training step above what was allocated before it
+        (parameters, Adam state, data): activations, gradients, temporaries."""
+        self.optimizers[impl].zero_grad()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.step(impl, depth)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+
+# ----------------------------------------------------------------------------- machine
+
+def _git(*args):
+    try:
+        res = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device):
+    from . import BUILD_INFO, __version__, has_kernels
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "dynnet_ext_version": __version__,
+        "build_info": dict(BUILD_INFO),
+        "fused_kernels": has_kernels(device),
+        "git_commit": commit,
+        "git_dirty": bool(status) if commit else None,
+    }
+    return info
+
+
+# ----------------------------------------------------------------------------- run
+
+def _plan(subjects, shapes):
+    """Every row to measure, as (shape, subject, phase, depth), grouped by shape so each
+    shape's models are built (and compiled) once."""
+    plan = []
+    for shape in shapes:
+        if "layer" in subjects:
+            plan += [(shape, "layer", phase, None) for phase in LAYER_PHASES]
+        if "net" in subjects:
+            plan += [(shape, "net", "forward+backward", d) for d in DEPTHS]
+        if "step" in subjects:
+            plan.append((shape, "step", "train-step", STEP_DEPTHS))
+        if "memory" in subjects:
+            plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH))
+    return plan
+
+
+def _dims(subject, shape):
+    a, b, c = parse_shape(shape)
+    if subject == "layer":
+        return {"batch": a, "in_features": b, "out_features": c}
+    return {"N": a, "D_in": b, "H": c, "D_out": D_OUT}
+
+
+def _row(subject, phase, shape, depth, impl, **fields):
+    row = {"subject": subject, "phase": phase, "shape": shape, "dims": _dims(subject, shape), "depth": depth,
+           "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
+           "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None}
+    row.update(fields)
+    return row
+
+
+def _time_rows(runners, key, device, reps, warmup_s, target_s):
+    samples, iters = measure(runners, device, reps, warmup_s, target_s)
+    stock = statistics.median(samples["stock"])
+    rows = []
+    for impl, ms in samples.items():
+        med, p20, p80 = summarize(ms)
+        rows.append(_row(*key, impl, median_ms=med, p20_ms=p20, p80_ms=p80, ratio_vs_stock=stock / med,
+                         reps=len(ms), iters_per_rep=iters, samples_ms=ms))
+    return rows
+
+
+def _memory_rows(case, key, device):
+    subject, _, shape, depth = key
+    for impl in case.models:  # compile, Adam state, lazy init happen here, not in the numbers
+        for _ in range(2):
+            case.step(impl, depth)
+    metrics = [("saved-tensors", case.saved_tensor_bytes)]
+    if device == "cuda":
+        metrics.append(("peak-allocated", case.cuda_peak_step_bytes))
+    rows = []
+    for phase, fn in metrics:
+        values = {impl: fn(impl, depth) for impl in case.models}
+        for impl, value in values.items():
+            ratio = values["stock"] / value if value else None
+            rows.append(_row(subject, phase, shape, depth, impl, memory_bytes=value, ratio_vs_stock=ratio, reps=1))
+    return rows
+
+
+def _progress(row):
+    text = f"{row['impl']} "
+    if row["memory_bytes"] is not None:
+        text += f"{row['phase']} {row['memory_bytes'] / 1024:.1f} KiB"
+    else:
+        text += f"{row['median_ms']:.3f} ms"
+    if row["impl"] != "stock" and row["ratio_vs_stock"] is not None:
+        text += f" ({row['ratio_vs_stock']:.2f}x)"
+    return text
+
+
+def run(args):
+    """Run the benchmark described by parsed `args` (see add_arguments); return the exit code."""
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("dynnet_ext bench: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    default_reps, warmup_s, target_ms = SETTINGS[mode]
+    reps = args.reps or default_reps
+    shapes = args.shapes or ([SEED_SHAPE] if args.quick else list(FULL_SHAPES))
+    impls = [i for i in IMPLS if i in (args.impls or DEFAULT_IMPLS[device]) or i == "stock"]
+    subjects = list(args.subjects)
+
+    old_threads = torch.get_num_threads()
+    threads = args.threads or old_threads
+    torch.set_num_threads(threads)
+    try:
+        from . import has_kernels
+
+        if "fused" in impls and not has_kernels(device):
+            print(f"dynnet_ext bench: WARNING: no {device} kernels compiled; 'fused' runs the stock PyTorch "
+                  "fallback, so its numbers say nothing about the kernels", file=sys.stderr)
+        machine = machine_info(device)
+        config = {"device": device, "dtype": "float32", "quick": args.quick, "subjects": subjects, "impls": impls,
+                  "shapes": shapes, "threads": threads, "reps": reps, "warmup_s": warmup_s,
+                  "target_rep_ms": target_ms, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        print(f"dynnet_ext bench: {device} ({machine['gpu'] or machine['cpu_model']}), {threads} threads, "
+              f"torch {torch.__version__}, commit {(machine['git_commit'] or 'unknown')[:10]}"
+              f"{' (dirty)' if machine['git_dirty'] else ''}; impls {','.join(impls)}", file=sys.stderr)
+        t_start = time.perf_counter()
+        rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3)
+        config["duration_s"] = round(time.perf_counter() - t_start, 1)
+    finally:
+        torch.set_num_threads(old_threads)
+        if any(i.startswith("compile") for i in impls):
+            torch.compiler.reset()
+
+    results = {"schema": SCHEMA, "machine": machine, "config": config, "rows": _sorted(rows, shapes),
+               "errors": errors}
+    print(format_table(results["rows"]))
+    print(f"done in {config['duration_s']} s" + (f", {len(errors)} rows FAILED (see above)" if errors else ""),
+          file=sys.stderr)
+    if args.out is not None:
+        write_outputs(results, args.out, plot=not args.no_plot)
+    return 1 if errors else 0
+
+
+def _run_plan(plan, impls, device, reps, warmup_s, target_s):
+    """Measure every planned row. A row whose measurement raises is reported and recorded in
+    `errors`, and the run goes on: one failing compile mode must not lose a long GPU run."""
+    rows, errors, case, case_key = [], [], None, None
+    width = len(str(len(plan)))
+    for n, (shape, subject, phase, depth) in enumerate(plan, 1):
+        label = f"{subject} {phase} {shape}" + ("" if depth is None else f" depth {depth}")
+        print(f"[{n:>{width}}/{len(plan)}] {label} ...", end="", file=sys.stderr, flush=True)
+        key = (subject, phase, shape, depth)
+        try:
+            kind = LayerCase if subject == "layer" else NetCase
+            if case_key != (kind, shape):
+                case = case_key = None  # free the previous shape's models first
+                if any(i.startswith("compile") for i in impls):
+                    torch.compiler.reset()  # fresh compile caches: each shape gets static graphs
+                case, case_key = kind(parse_shape(shape), impls, device), (kind, shape)
+            if subject == "memory":
+                new = _memory_rows(case, key, device)
+            else:
+                runners = (case.runners(phase) if subject == "layer" else
+                           case.net_runners(depth) if subject == "net" else case.step_runners())
+                new = _time_rows(runners, key, device, reps, warmup_s, target_s)
+        except Exception as exc:  # noqa: BLE001 - recorded in results.json and the exit code
+            message = f"{type(exc).__name__}: {exc}"
+            print(f" FAILED: {message}", file=sys.stderr, flush=True)
+            errors.append({"subject": subject, "phase": phase, "shape": shape, "depth": depth, "error": message})
+            continue
+        rows += new
+        print(" " + "  ".join(_progress(r) for r in new), file=sys.stderr, flush=True)
+    return rows, errors
+
+
+def _sorted(rows, shapes):
+    """Subject-major order: subject, phase, depth, shape (as given), implementation."""
+    phases = [*LAYER_PHASES, "train-step", "saved-tensors", "peak-allocated"]
+    return sorted(rows, key=lambda r: (SUBJECTS.index(r["subject"]), phases.index(r["phase"]),
+                                       str(r["depth"]), shapes.index(r["shape"]), IMPLS.index(r["impl"])))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "median", "p20-p80", "iters x reps")
+
+
+def _cells(row):
+    ratio = row["ratio_vs_stock"]
+    ratio = "-" if ratio is None else f"{ratio:.2f}x"
+    if row["memory_bytes"] is not None:
+        value, spread, count = f"{row['memory_bytes'] / 1024:.1f} KiB", "", ""
+    else:
+        value = f"{row['median_ms']:.4f} ms"
+        spread = f"{row['p20_ms']:.4f}-{row['p80_ms']:.4f}"
+        count = f"{row['iters_per_rep']} x {row['reps']}"
+    depth = "-" if row["depth"] is None else str(row["depth"])
+    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, value, spread, count)
+
+
+def format_table(rows):
+    """Plain-text table, the ratio to stock right after the implementation (>1: faster or
+    smaller than stock); a blank line between groups of one subject and phase."""
+    cells = [TABLE_COLUMNS] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
+    right = {5, 6, 7, 8}
+    lines, prev = [], None
+    for i, c in enumerate(cells):
+        group = c[:2]
+        if i > 1 and group != prev:
+            lines.append("")
+        prev = group
+        padded = (v.rjust(w) if j in right else v.ljust(w) for j, (v, w) in enumerate(zip(c, widths)))
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def format_markdown(rows):
+    """The same table in Markdown (for benchmarks/results/README.md)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 4 + "---|" + "--:|" * 4]
+    lines += ["| " + " | ".join(c or " " for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(results, out, plot=True):
+    """OUT/results.json, then render() the table and the plot beside it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    render(results, out, plot)
+
+
+def render(results, out, plot=True):
+    """OUT/results.md (the Markdown table) and, with plot=True and matplotlib installed,
+    OUT/speedup.png, from a results dict (also used by benchmarks/plot.py on a saved run)."""
+    out = Path(out)
+    (out / "results.md").write_text(format_markdown(results["rows"]) + "\n")
+    written = [out / "results.md"]
+    if plot:
+        try:
+            plot_speedup(results, out / "speedup.png")
+            written.append(out / "speedup.png")
+        except ImportError:
+            print("dynnet_ext bench: matplotlib is not installed, no plot (pip install matplotlib; "
+                  "or later: python benchmarks/plot.py OUT)", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+
+
+def _panel_title(subject, phase, depth):
+    if subject == "layer":
+        return f"layer {phase}"
+    if subject == "net":
+        return f"net forward+backward, depth {depth}"
+    if subject == "step":
+        return "training step (depths 0-3 cycled)"
+    return f"memory: {phase} (stock / impl), depth {depth}"
+
+
+_RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20, 50, 100)
+
+
+def plot_speedup(results, path):
+    """One panel per subject/phase/depth: ratio to stock vs shape, one line per implementation,
+    bars from the implementation's p80 to its p20."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.ticker import NullLocator
+
+    rows, shapes = results["rows"], results["config"]["shapes"]
+    panels = list(dict.fromkeys((r["subject"], r["phase"], r["depth"]) for r in rows))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (subject, phase, depth) in zip(axes, panels):
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="stock")
+        for impl in IMPLS:
+            if impl == "stock":
+                continue
+            points = {r["shape"]: r for r in rows if (r["subject"], r["phase"], r["depth"], r["impl"])
+                      == (subject, phase, depth, impl) and r["ratio_vs_stock"] is not None}
+            if not points:
+                continue
+            xs = [i for i, s in enumerate(shapes) if s in points]
+            ys = [points[shapes[i]]["ratio_vs_stock"] for i in xs]
+            if subject == "memory":
+                ax.plot(xs, ys, marker="o", label=impl)
+            else:  # bars: the stock median over this implementation's p80 and p20
+                lo = [y - y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p80_ms"] for i, y in zip(xs, ys)]
+                hi = [y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p20_ms"] - y for i, y in zip(xs, ys)]
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=impl)
+        ax.set_title(_panel_title(subject, phase, depth), fontsize=10)
+        ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")  # ratios: 2x faster and 2x slower lie equally far from 1
+        low, high = ax.get_ylim()
+        ticks = [t for t in _RATIO_TICKS if low <= t <= high]
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_ylabel("x vs stock (>1 better, log)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    m, c = results["machine"], results["config"]
+    fig.suptitle(f"dynnet_ext vs stock PyTorch on {c['device']} ({m['gpu'] or m['cpu_model']}, "
+                 f"{c['threads']} threads), "
+                 f"torch {m['torch_version']}, commit {(m['git_commit'] or 'unknown')[:10]}; "
+                 "shapes: layer batch x in x out, net N x D_in x H", fontsize=10)
+    fig.savefig(path, dpi=110)

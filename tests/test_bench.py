@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmarks: `python -m dynnet_ext bench --quick` runs end to end and writes
+results.json in the documented schema, the Markdown table and the plot. No timing assertions:
+speed is what the benchmarks report, not what the tests check."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynnet_ext import bench
+from dynnet_ext.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "impl", "median_ms", "p20_ms", "p80_ms",
+            "ratio_vs_stock", "reps", "iters_per_rep", "samples_ms", "memory_bytes"}
+MACHINE_KEYS = {"date", "cpu_model", "cpu_count", "torch_threads", "torch_version", "cuda_version", "gpu",
+                "build_info", "fused_kernels", "git_commit"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `bench --quick` run (CPU, seed shape, every subject), shared by the checks below."""
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads, "bench must restore the thread count"
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_schema(quick):
+    _, res = quick
+    assert set(res) == {"schema", "machine", "config", "rows", "errors"}
+    assert res["schema"] == bench.SCHEMA
+    assert res["errors"] == []
+    assert MACHINE_KEYS <= set(res["machine"])
+    config = res["config"]
+    assert config["device"] == "cpu" and config["quick"] is True
+    assert config["shapes"] == [bench.SEED_SHAPE]
+    assert config["threads"] == res["machine"]["torch_threads"] >= 1
+    for row in res["rows"]:
+        assert set(row) == ROW_KEYS
+
+
+def test_quick_rows_present(quick):
+    _, res = quick
+    rows = res["rows"]
+    keys = {(r["subject"], r["phase"], r["depth"], r["impl"]) for r in rows}
+    for impl in ("fused", "stock", "compile"):
+        for phase in bench.LAYER_PHASES:
+            assert ("layer", phase, None, impl) in keys
+        for depth in bench.DEPTHS:
+            assert ("net", "forward+backward", depth, impl) in keys
+        assert ("step", "train-step", bench.STEP_DEPTHS, impl) in keys
+        assert ("memory", "saved-tensors", bench.MEMORY_DEPTH, impl) in keys
+    assert len(keys) == len(rows), "one row per subject/phase/depth/impl at one shape"
+
+
+def test_quick_numbers_sane(quick):
+    _, res = quick
+    for row in res["rows"]:
+        ratio = row["ratio_vs_stock"]
+        assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0, row
+        if row["impl"] == "stock":
+            assert ratio == 1.0
+        if row["subject"] == "memory":
+            assert row["memory_bytes"] > 0 and row["median_ms"] is None
+        else:
+            assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+            assert len(row["samples_ms"]) == row["reps"] == res["config"]["reps"]
+            if row["subject"] == "step":
+                assert row["iters_per_rep"] % len(bench.DEPTHS) == 0, "every rep covers each depth equally"
+    # The fused forward saves what stock autograd saves (x, weight, y): same activation memory.
+    saved = {r["impl"]: r["memory_bytes"] for r in res["rows"] if r["phase"] == "saved-tensors"}
+    assert saved["fused"] == saved["stock"]
+
+
+def test_quick_files(quick):
+    out, res = quick
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| subject") and len(table) == 2 + len(res["rows"])
+
+
+def test_table_has_ratio_column(quick):
+    _, res = quick
+    text = bench.format_table(res["rows"])
+    header = text.splitlines()[0].split()
+    assert header.index("vs") == header.index("impl") + 1
+    assert "1.00x" in text
+
+
+@pytest.mark.parametrize("text", ["64x1000", "64x0x10", "ax1x2", ""])
+def test_bad_shapes_rejected(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench._shapes(text)
+
+
+def test_options_parse():
+    parser = bench.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--shapes", "64x1000x100, 8x4x2", "--subjects", "step,layer", "--impls", "compile,fused"])
+    assert args.shapes == ["64x1000x100", "8x4x2"]
+    assert args.subjects == ["layer", "step"]  # canonical order
+    assert args.impls == ["fused", "compile"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--impls", "fast"])
+
+
+@pytest.mark.parametrize("script,has_subjects", [("linear_relu.py", False), ("dynamic_net.py", False),
+                                                 ("train_step.py", True)])
+def test_scripts_help(script, has_subjects):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--quick" in res.stdout
+    assert ("--subjects" in res.stdout) == has_subjects
