@@ -83,6 +83,11 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return rows;
 }
 
+// t viewed as (rows, cols); the common 2-d case skips reshape, which costs microseconds a call.
+inline at::Tensor as_2d(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
 // Output shape (*, out) for x (*, in).
 inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, const at::Tensor& weight) {
   auto shape = x.sizes().vec();

@@ -57,7 +57,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  const at::Tensor x2 = x.reshape({M, K});
+  const at::Tensor x2 = as_2d(x, M, K);
   // Allocated in its final shape and filled through a 2-d view: the op returns a tensor that is
   // nobody's view (autograd forbids in-place changes to views made inside a custom Function).
   at::Tensor y = at::empty(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  const at::Tensor gy2 = rows_contiguous(grad_y.reshape({M, N}));
+  const at::Tensor gy2 = rows_contiguous(as_2d(grad_y, M, N));
   const auto [need_gx, need_gw, need_gb] = output_mask;
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const bool relu = act == Activation::Relu;
   if (relu && (need_gx || need_gw)) g = at::empty({M, N}, x.options());
   if ((relu && (need_gx || need_gw)) || need_gb) {
-    const at::Tensor y2 = relu ? rows_contiguous(y->reshape({M, N})) : at::Tensor();
+    const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
       const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
       scalar_t* gbp = need_gb ? gb.data_ptr<scalar_t>() : nullptr;
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     at::Tensor gx2 = gx.view({M, K});
     at::mm_out(gx2, g, weight);
   }
-  if (need_gw) gw = at::mm(g.t(), x.reshape({M, K}));
+  if (need_gw) gw = at::mm(g.t(), as_2d(x, M, K));
   return {gx, gw, gb};
 }
 

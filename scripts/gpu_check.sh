@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The one command run on a lent GPU machine (H200, torch preinstalled, no network), from the
+# repository root of a copy of the working tree:
+#
+#   bash scripts/gpu_check.sh          # OUT=<folder whose files come back>
+#
+# 1. prints nvidia-smi and versions; 2. builds the extension in place (CUDA, sm_90, editable
+# install, no network); 3. `python -m dynnet_ext info`; 4. the whole test suite (JUnit XML);
+# 5. the GPU benchmarks; 6. a summary. Every step's exit code is recorded; a failed step does not
+# stop the later ones, but the script exits non-zero if the build or the tests failed.
+# The whole run fits in GPU_CHECK_BUDGET seconds (default 470, under the 8 minutes planned per
+# call): each step's timeout is cut to what is left.
+#
+# What comes back ($OUT, at most 8 files by the device tool's rules):
+#   steps.log     nvidia-smi, versions, `dynnet_ext info`, benchmark output, each step's exit code
+#   build.log     the pip build (nvcc's ptxas register/spill report included)
+#   tests.log     pytest output;  tests.xml  its JUnit XML
+#   results.json, results.md, speedup.png   the benchmark's files (written to a scratch folder
+#                 first: three files in $OUT/bench plus a copy of results.json would break the limit)
+#   summary.txt   pass/fail counts, GPU, torch, date, commit
+#
+# Rehearsal without a GPU (runs the CPU suite end to end, never reinstalls):
+#   OUT=/tmp/gpucheck GPU_CHECK_SKIP_BUILD=1 bash scripts/gpu_check.sh
+# Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BENCH=1,
+# GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
+set -u
+set -o pipefail
+
+: "${OUT:?set OUT to the folder for logs and results}"
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-470}
+START=$SECONDS
+STEPS="$OUT/steps.log"
+: >"$STEPS"
+export PYTHONUNBUFFERED=1
+
+log() { echo "$*" | tee -a "$STEPS"; }
+
+# Seconds a step may take: its own cap, cut to what is left of the budget (at least 10).
+allow() {
+  local left=$((BUDGET - (SECONDS - START)))
+  local cap=$1
+  ((left < cap)) && cap=$left
+  ((cap < 10)) && cap=10
+  echo "$cap"
+}
+
+declare -A RC
+step_done() {  # name rc
+  RC[$1]=$2
+  log "== step $1: exit $2 ($((SECONDS - START)) s elapsed)"
+}
+
+# ---- 1. machine and versions -------------------------------------------------------------
+COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git in this copy)")
+export GPU_CHECK_COMMIT=$COMMIT
+log "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd)"
+{
+  nvidia-smi || echo "nvidia-smi failed or missing"
+  echo "--- python: $(command -v "$PY") $("$PY" --version 2>&1)"
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "--- commit: $COMMIT, $(git status --porcelain 2>/dev/null | wc -l) paths changed since"
+} 2>&1 | tee -a "$STEPS"
+
+# ---- 2. build ------------------------------------------------------------------------------
+if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
+  log "== build skipped (GPU_CHECK_SKIP_BUILD=1): testing the dynnet_ext already importable"
+  echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" >"$OUT/build.log"
+  step_done build 0
+else
+  # A real toolkit folder (bin/nvcc next to lib64/libcudart): nvcc on PATH may be a wrapper.
+  cuda_home=""
+  for c in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /x/x/x)")")")"; do
+    if [[ -n "$c" && -x "$c/bin/nvcc" ]] && compgen -G "$c/lib*/libcudart*" >/dev/null; then
+      cuda_home=$c
+      break
+    fi
+  done
+  log "== build: CUDA_HOME=${cuda_home:-NOT FOUND}"
+  t=$(allow 300)
+  CUDA_HOME=$cuda_home DYNNET_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    timeout "$t" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$OUT/build.log" 2>&1
+  rc=$?
+  step_done build "$rc"
+  if ((rc != 0)); then
+    log "!! BUILD FAILED (exit $rc; 124 = timed out after $t s). Last lines of build.log:"
+    tail -n 40 "$OUT/build.log" | tee -a "$STEPS"
+  else
+    log "   ptxas: $(grep -c "0 bytes spill stores, 0 bytes spill loads" "$OUT/build.log") kernels without spills," \
+      "$(grep -cE "[1-9][0-9]* bytes spill" "$OUT/build.log") with spills"
+  fi
+fi
+
+# ---- 3. info -------------------------------------------------------------------------------
+log "== info"
+timeout "$(allow 60)" "$PY" -m dynnet_ext info 2>&1 | tee -a "$STEPS"
+step_done info $?
+
+# ---- 4. tests ------------------------------------------------------------------------------
+t=$(allow 240)
+log "== tests (timeout $t s)"
+timeout "$t" "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+step_done tests $?
+tail -n 5 "$OUT/tests.log" | tee -a "$STEPS"
+
+# ---- 5. benchmarks -------------------------------------------------------------------------
+if [[ "${GPU_CHECK_SKIP_BENCH:-0}" == 1 ]]; then
+  log "== bench skipped (GPU_CHECK_SKIP_BENCH=1)"
+  step_done bench 0
+else
+  bench_dir=$(mktemp -d "${TMPDIR:-/tmp}/dynnet-bench.XXXXXX")
+  # Whatever the budget has left: the benchmark is the last long step.
+  t=$(allow 400)
+  log "== bench --device cuda (timeout $t s) into $bench_dir"
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
+  timeout "$t" "$PY" -m dynnet_ext bench --device cuda --out "$bench_dir" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee -a "$STEPS"
+  step_done bench $?
+  for f in results.json results.md speedup.png; do
+    [[ -f "$bench_dir/$f" ]] && cp "$bench_dir/$f" "$OUT/"
+  done
+  rm -rf "$bench_dir"
+fi
+
+# ---- 6. summary ----------------------------------------------------------------------------
+"$PY" - "$OUT" "${RC[build]}" "${RC[tests]}" "${RC[info]}" "${RC[bench]}" >"$OUT/summary.txt" 2>&1 <<'EOF'
+import datetime, os, sys, xml.etree.ElementTree as ET
+out, rc_build, rc_tests, rc_info, rc_bench = sys.argv[1:]
+counts = "no JUnit XML (tests did not run or were killed)"
+try:
+    root = ET.parse(f"{out}/tests.xml").getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    counts = f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped (of {n['tests']})"
+except Exception as exc:  # noqa: BLE001 - the summary must always be written
+    counts += f" [{exc}]"
+try:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    tv = f"{torch.__version__} (CUDA {torch.version.cuda})"
+except Exception as exc:  # noqa: BLE001
+    gpu, tv = "unknown", f"torch import failed: {exc}"
+try:
+    import dynnet_ext
+    built = dict(dynnet_ext.BUILD_INFO)
+except Exception as exc:  # noqa: BLE001
+    built = f"import failed: {exc}"
+commit = os.environ.get("GPU_CHECK_COMMIT", "unknown")
+status = lambda rc: "ok" if rc == "0" else f"FAILED (exit {rc})"
+print(f"date:    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+print(f"commit:  {commit}")
+print(f"gpu:     {gpu}")
+print(f"torch:   {tv}")
+print(f"built:   {built}")
+print(f"build:   {status(rc_build)}")
+print(f"info:    {status(rc_info)}")
+print(f"tests:   {status(rc_tests)}: {counts}")
+print(f"bench:   {status(rc_bench)}")
+EOF
+cat "$OUT/summary.txt" | tee -a "$STEPS"
+log "== done in $((SECONDS - START)) s; files in \$OUT: $(find "$OUT" -type f | wc -l) (the device tool returns at most 8)"
+
+((RC[build] == 0 && RC[tests] == 0))

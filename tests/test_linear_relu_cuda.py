@@ -1,0 +1,321 @@
+"""The CUDA kernels of torch.ops.dynnet.linear_relu / linear_relu_backward (csrc/cuda/linear_relu.cu).
+
+What tests/test_linear_relu.py checks on every device, plus what is specific to the hand-written
+tiled GEMMs: shapes around the 64 x 64 x 32 tiles, grids with more than 65535 tiles, half
+types against a float32 reference on the same rounded inputs, bitwise determinism, output_mask
+subsets bitwise equal to the full call, CPU vs CUDA, and gradcheck in float64 on the GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import TOLERANCES, tol
+from dynnet_ext import BUILD_INFO, LinearReLUFunction, functional, has_kernels, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+OPS = torch.ops.dynnet
+DEV = "cuda"
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+HALF = (torch.float16, torch.bfloat16)
+
+# (leading dims of x, in_features K, out_features N). The kernels tile C in 64 x 64 blocks and
+# the reduction in slices of 32, so sizes sit on, just below and just above those multiples.
+SHAPES = [
+    ((1,), 1, 1),
+    ((64,), 32, 64),  # exact tiles
+    ((63,), 33, 65),
+    ((65,), 31, 63),
+    ((128,), 64, 128),  # exact tiles, 2 x 2 blocks, 2 slices
+    ((129,), 1, 3),  # K = 1
+    ((64,), 1000, 100),  # the seed's input layer
+    ((64,), 100, 100),  # the seed's hidden layer
+    ((64,), 100, 10),  # the seed's output layer
+    ((130,), 33, 200),  # several tiles both ways
+    ((0,), 8, 4),  # M = 0: nothing to launch
+    ((5,), 0, 3),  # K = 0: y = act(bias)
+    ((4,), 6, 0),  # N = 0
+    ((2, 3), 11, 7),  # 3-D input
+    ((3, 5, 7), 19, 23),  # 4-D input
+    ((), 9, 4),  # 1-D input
+]
+
+
+def make(lead, k, n, dtype, bias=True, device=DEV):
+    x = torch.randn(*lead, k, dtype=dtype, device=device)
+    w = (torch.randn(n, k, dtype=dtype, device=device) / max(k, 1) ** 0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    return x, w, b
+
+
+def up(t):
+    """float32 copy of a half-type tensor (the same rounded values), else the tensor itself."""
+    return t.float() if t is not None and t.dtype in HALF else t
+
+
+def expected_forward(x, w, b, activation):
+    """The stock reference; for half types in float32 on the same rounded inputs."""
+    return reference.linear_act(up(x), up(w), up(b), activation)
+
+
+def expected_backward(gy, x, w, y, activation):
+    """(grad_x, grad_w, grad_b) by the formula, masked with the kernel's own y as threshold_backward
+    does (so a y that rounds to 0 in a half type masks both sides alike); float32 for half types."""
+    g = up(gy)
+    if activation == "relu":
+        g = g.masked_fill(up(y) <= 0, 0)
+    k, n = w.shape[1], w.shape[0]
+    m = math.prod(x.shape[:-1])  # not reshape(-1, k): ambiguous when k == 0
+    g2, x2 = g.reshape(m, n), up(x).reshape(m, k)
+    return (g2 @ up(w)).reshape(x.shape), g2.T @ x2, g2.sum(0)
+
+
+def assert_close(got, want, dtype, **kw):
+    assert got.dtype == dtype and got.device.type == "cuda"
+    torch.testing.assert_close(up(got), want, **tol(dtype), **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_forward(shape, dtype, bias, activation):
+    x, w, b = make(*shape, dtype, bias)
+    y = OPS.linear_relu(x, w, b, activation)
+    assert y.shape == (*shape[0], shape[2]) and y.is_contiguous()
+    assert_close(y, expected_forward(x, w, b, activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_backward(shape, dtype, bias, activation):
+    x, w, b = make(*shape, dtype, bias)
+    y = OPS.linear_relu(x, w, b, activation)
+    gy = torch.randn_like(y)
+    saved = y if activation == "relu" else None  # 'none' needs no y
+    gx, gw, gb = OPS.linear_relu_backward(gy, x, w, saved, activation, [True, True, bias])
+    ex, ew, eb = expected_backward(gy, x, w, y, activation)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    assert_close(gx, ex, dtype)
+    assert_close(gw, ew, dtype)
+    if bias:
+        assert_close(gb, eb, dtype)
+    else:
+        assert gb.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_backward_matches_stock_autograd(dtype):
+    x, w, b = make((37, 3), 70, 45, dtype)
+    y = OPS.linear_relu(x, w, b, "relu")
+    gy = torch.randn_like(y)
+    got = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+    for g, r in zip(got, reference.linear_act_backward(gy, x, w, b, "relu")):
+        torch.testing.assert_close(g, r, **tol(dtype))
+
+
+def test_grid_larger_than_65535_tiles():
+    # 65537 row tiles: the grid must not put them on a dimension limited to 65535.
+    x, w, b = make((64 * 65536 + 1,), 2, 3, torch.float32)
+    y = OPS.linear_relu(x, w, b, "relu")
+    torch.testing.assert_close(y, reference.linear_act(x, w, b), **tol(torch.float32))
+    gy = torch.randn_like(y)
+    gx, _, _ = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, False, False])
+    torch.testing.assert_close(gx, expected_backward(gy, x, w, y, "relu")[0], **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_and_broadcast_inputs(dtype):
+    base = torch.randn(150, 3 * 70, dtype=dtype, device=DEV)
+    x = base[::2, ::3]  # (75, 70), strides (420, 3)
+    w = torch.randn(70, 90, dtype=dtype, device=DEV).T  # (90, 70), transposed view
+    b = torch.randn(180, dtype=dtype, device=DEV)[::2]
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    y = OPS.linear_relu(x, w, b, "relu")
+    assert_close(y, expected_forward(x, w, b, "relu"), dtype)
+    for gy in (torch.randn(90, 75, dtype=dtype, device=DEV).T,  # transposed grad
+               torch.ones(1, 1, dtype=dtype, device=DEV).expand(75, 90)):  # y.sum()'s grad, stride 0
+        got = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+        for g, e in zip(got, expected_backward(gy, x, w, y, "relu")):
+            assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_cpu_and_cuda_agree(dtype, activation):
+    x, w, b = make((3, 41), 129, 67, dtype, device="cpu")
+    y_cpu = OPS.linear_relu(x, w, b, activation)
+    y_gpu = OPS.linear_relu(x.to(DEV), w.to(DEV), b.to(DEV), activation)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, **tol(dtype))
+    gy = torch.randn_like(y_cpu)
+    # Both backwards use the CPU's y, so both apply the same mask.
+    g_cpu = OPS.linear_relu_backward(gy, x, w, y_cpu, activation, [True, True, True])
+    g_gpu = OPS.linear_relu_backward(gy.to(DEV), x.to(DEV), w.to(DEV), y_cpu.to(DEV), activation,
+                                     [True, True, True])
+    for c, g in zip(g_cpu, g_gpu):
+        torch.testing.assert_close(g.cpu(), c, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_propagates_like_torch_relu(dtype):
+    x, w, b = make((70,), 20, 66, dtype)
+    x[1, 0] = float("nan")
+    b[65] = float("nan")
+    y = OPS.linear_relu(x, w, b, "relu")
+    stock = torch.relu(torch.nn.functional.linear(x, w, b))
+    assert torch.equal(y.isnan(), stock.isnan())
+    assert y[1].isnan().all() and y[:, 65].isnan().all()  # fmaxf(NaN, 0) would give 0 here
+    # Backward: threshold_backward zeroes the gradient where y <= 0, which is false for NaN,
+    # so the gradient flows through NaN entries; the kernels must do the same.
+    gy = torch.randn_like(y)
+    got = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+    for g, e in zip(got, expected_backward(gy, x, w, y, "relu")):
+        assert torch.equal(up(g).isnan(), e.isnan())
+        assert_close(g, e, dtype, equal_nan=True)
+
+
+def test_gradient_mask_is_threshold_backward():
+    # y = [NaN, 0, -0, -1, 2, inf]: the gradient passes where threshold_backward passes it.
+    y = torch.tensor([[float("nan"), 0.0, -0.0, -1.0, 2.0, float("inf")]], device=DEV)
+    gy = torch.arange(1.0, 7.0, device=DEV).reshape(1, 6)
+    x = torch.ones(1, 1, device=DEV)
+    w = torch.ones(6, 1, device=DEV)
+    want = torch.ops.aten.threshold_backward(gy, y, 0)
+    gx, gw, gb = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+    assert torch.equal(gb, want[0])
+    assert torch.equal(gw, want.T)
+    assert torch.equal(gx, want.sum(1, keepdim=True))
+
+
+def test_inf_and_signed_zero():
+    x = torch.tensor([[float("inf")], [float("-inf")], [0.0], [-0.0]], device=DEV)
+    w = torch.ones(1, 1, device=DEV)
+    y = OPS.linear_relu(x, w, None, "relu")
+    assert y.tolist() == [[float("inf")], [0.0], [0.0], [0.0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic(dtype):
+    # Many blocks in every GEMM (16 x 5 forward tiles, 16 x 13 grad_x, 5 x 13 grad_weight):
+    # every run must give the same bits.
+    x, w, b = make((1000,), 777, 300, dtype)
+    gy = torch.randn(1000, 300, dtype=dtype, device=DEV)
+    runs = []
+    for _ in range(3):
+        y = OPS.linear_relu(x, w, b, "relu")
+        runs.append((y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True],
+                                  [True, True, False], [False, True, True], [True, False, True]], ids=str)
+def test_output_mask_subsets_equal_full_call(mask, activation, dtype):
+    # grad_bias alone goes through its own kernel, grad_bias with grad_weight is summed inside
+    # the grad_weight GEMM: both add the same values in the same order, so the bits agree.
+    x, w, b = make((150,), 90, 70, dtype)
+    y = OPS.linear_relu(x, w, b, activation)
+    gy = torch.randn_like(y)
+    saved = y if activation == "relu" else None
+    full = OPS.linear_relu_backward(gy, x, w, saved, activation, [True, True, True])
+    part = OPS.linear_relu_backward(gy, x, w, saved, activation, mask)
+    for wanted, f, p in zip(mask, full, part):
+        if wanted:
+            assert torch.equal(f, p)
+        else:
+            assert p.shape == (0,) and p.device.type == "cuda"
+
+
+@pytest.mark.parametrize("shape", [((0,), 8, 4), ((5,), 0, 3), ((4,), 6, 0)], ids=str)
+@pytest.mark.parametrize("mask", [[True, True, True], [False, False, True]], ids=str)
+def test_backward_empty_dims(shape, mask):
+    # M = 0: zero grad_weight / grad_bias (empty sums); K = 0: grad_bias alone; N = 0: zero grad_x.
+    x, w, b = make(*shape, torch.float32)
+    y = OPS.linear_relu(x, w, b, "relu")
+    gy = torch.randn_like(y)
+    got = OPS.linear_relu_backward(gy, x, w, y, "relu", mask)
+    want = expected_backward(gy, x, w, y, "relu")
+    for wanted, g, e in zip(mask, got, want):
+        if wanted:
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("mask", [[False, False, True], [False, True, True]], ids=["alone", "with_grad_w"])
+def test_grad_bias_accumulates_in_high_precision(mask):
+    # 100k rows of 1.0001: a float32 running sum drifts by ~1e-4 relative; grad_bias accumulates
+    # in double for float32 (as on CPU), on both of its paths (own kernel, or inside grad_weight's GEMM).
+    M = 100_000
+    x = torch.zeros(M, 1, device=DEV)
+    w = torch.ones(1, 1, device=DEV)
+    y = torch.ones(M, 1, device=DEV)
+    gy = torch.full((M, 1), 1.0001, device=DEV)
+    _, _, gb = OPS.linear_relu_backward(gy, x, w, y, "relu", mask)
+    exact = M * 1.0001
+    assert abs(gb.item() - exact) / exact < 1e-6
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_gradcheck_float64(bias, activation):
+    # Through the autograd.Function directly, so the CUDA kernels are what is checked.
+    x, w, b = make((2, 9), 13, 7, torch.float64, bias)
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(x, w, b=None):
+        return LinearReLUFunction.apply(x, w, b, activation)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_cuda_kernels_were_built():
+    # Otherwise functional.* would silently take the stock path on this GPU.
+    assert has_kernels("cuda"), f"dynnet_ext was built without CUDA kernels: {BUILD_INFO}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_functional_autograd_matches_reference(dtype):
+    x, w, b = make((4, 17), 100, 100, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref_leaves = [up(t).clone().requires_grad_() for t in (x, w, b)]
+    y = functional.fused_linear_relu(*leaves)
+    y_ref = reference.linear_act(*ref_leaves, "relu")
+    assert_close(y, y_ref.detach(), dtype)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    # The reference masks with its own y; where a half-type y rounds to 0 the masks can differ,
+    # so compare against the formula with the kernel's y for half types.
+    if dtype in HALF:
+        want = expected_backward(gy, x, w, y.detach(), "relu")
+    else:
+        y_ref.backward(gy)
+        want = [t.grad for t in ref_leaves]
+    for leaf, e in zip(leaves, want):
+        assert_close(leaf.grad, e, dtype)
+
+
+def test_mixed_devices_rejected():
+    x, w, b = make((3,), 4, 5, torch.float32)
+    with pytest.raises(RuntimeError, match="weight must be on the same device as x"):
+        OPS.linear_relu(x, w.cpu(), b, "relu")
+    with pytest.raises(RuntimeError, match="bias must be on the same device as x"):
+        OPS.linear_relu(x, w, b.cpu(), "relu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    x, w, b = make((33,), 20, 70, torch.float32, device="cuda:1")
+    y = OPS.linear_relu(x, w, b, "relu")
+    assert y.device == x.device
+    torch.testing.assert_close(y, reference.linear_act(x, w, b), **tol(torch.float32))
+
+
+def test_tolerance_table_covers_dtypes():
+    assert set(DTYPES) == set(TOLERANCES)
