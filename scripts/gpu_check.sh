@@ -22,7 +22,8 @@
 # Rehearsal without a GPU (runs the CPU suite end to end, never reinstalls):
 #   OUT=/tmp/gpucheck GPU_CHECK_SKIP_BUILD=1 bash scripts/gpu_check.sh
 # Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BENCH=1,
-# GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
+# GPU_CHECK_BENCH_ARGS (the benchmark's arguments; the default below skips max-autotune, whose
+# tuning alone could eat the budget, and picks the shapes the CUDA targets name).
 set -u
 set -o pipefail
 
@@ -116,7 +117,8 @@ else
   t=$(allow 400)
   log "== bench --device cuda (timeout $t s) into $bench_dir"
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
-  timeout "$t" "$PY" -m dynnet_ext bench --device cuda --out "$bench_dir" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee -a "$STEPS"
+  bench_args=${GPU_CHECK_BENCH_ARGS:---impls fused,stock,compile,addmm-activation --reps 11 --shapes 1x16x16,64x100x100,64x1000x100,1024x1024x1024,8192x4096x4096}
+  timeout "$t" "$PY" -m dynnet_ext bench --device cuda --out "$bench_dir" $bench_args 2>&1 | tee -a "$STEPS"
   step_done bench $?
   for f in results.json results.md speedup.png; do
     [[ -f "$bench_dir/$f" ]] && cp "$bench_dir/$f" "$OUT/"

@@ -297,7 +297,9 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Allocated in its final shape: the op returns a tensor that is nobody's view (autograd
+  // forbids in-place changes to views made inside a custom Function).
+  at::Tensor y = at::empty(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M > 0 && N > 0) {  // K == 0 still launches: y = act(bias), or zeros
     const at::Tensor x2 = x.reshape({M, K}).contiguous();
     const at::Tensor w = weight.contiguous();
@@ -313,7 +315,7 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
       launch_gemm<scalar_t, Role::Forward>(args, act == Activation::Relu, has_bias);
     });
   }
-  return y.view(linear_out_shape(x, weight));
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
@@ -330,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   const int64_t M = leading_rows(x);
   const auto [need_gx, need_gw, need_gb] = output_mask;
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor gx = need_gx ? at::empty({M, K}, x.options()) : empty();
+  at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
   at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
   at::Tensor gb = need_gb ? at::empty({N}, x.options()) : empty();
 
@@ -379,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   }
   // Every output not launched for has no elements; a zero-length reduction (M, N or K == 0 on the
   // summed side) still launches and writes zeros.
-  return {need_gx ? gx.view(x.sizes()) : gx, gw, gb};
+  return {gx, gw, gb};
 }
 
 }  // namespace
