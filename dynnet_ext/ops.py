@@ -51,14 +51,6 @@ def _check_fake_args(x, weight):
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"dynnet: x's last dimension ({x.shape[-1]}) must equal weight's in_features ({weight.shape[1]})")
 
 
-def _grad_weight_like(weight, device):
-    # The CPU kernel returns grad_weight with strides (1, out) (stock's layout, faster GEMM
-    # there); the CUDA kernel returns it contiguous.
-    if device.type == "cpu":
-        return weight.new_empty_strided(weight.shape, (1, weight.shape[0]))
-    return weight.new_empty(weight.shape)
-
-
 if _C is not None:
 
     @torch.library.register_fake("dynnet::linear_relu")
@@ -72,7 +64,7 @@ if _C is not None:
         need_x, need_w, need_b = output_mask
         return (
             x.new_empty(x.shape) if need_x else x.new_empty(0),
-            _grad_weight_like(weight, x.device) if need_w else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else x.new_empty(0),
             weight.new_empty(weight.shape[0]) if need_b else x.new_empty(0),
         )
 

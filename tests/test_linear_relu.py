@@ -232,7 +232,4 @@ def test_outputs_are_fresh_tensors_not_views(device):
     y = OPS.linear_relu(x, w, b, "relu")
     grads = OPS.linear_relu_backward(torch.randn_like(y), x, w, y, "relu", [True, True, True])
     for t in (y, *grads):
-        assert t._base is None
-    assert y.is_contiguous() and grads[0].is_contiguous() and grads[2].is_contiguous()
-    # grad_weight: contiguous on CUDA, stock's transposed layout on the CPU (faster GEMM there)
-    assert grads[1].is_contiguous() or grads[1].t().is_contiguous()
+        assert t._base is None and t.is_contiguous()
