@@ -82,3 +82,19 @@ def test_seed_shape_and_leading_dims():
     fused, stock = pair(1000, 100, 10)
     x = torch.randn(2, 32, 1000)
     torch.testing.assert_close(fused(x, 3), stock(x, 3), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_torch_compile_fullgraph(depth):
+    torch._dynamo.reset()
+    fused, stock = pair()
+    x = torch.randn(5, 12)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out = compiled(x, depth)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in fused.parameters() if p.grad is not None]
+    ref = stock(x, depth)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    for g, p in zip(grads, [p for p in stock.parameters() if p.grad is not None]):
+        torch.testing.assert_close(g, p.grad, **tol(torch.float32))

@@ -166,3 +166,35 @@ def test_torch_compile_fullgraph_matches_eager(path):
         results.append((y, *torch.autograd.grad(y.sum(), (x, w, b))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+class Logged(torch.Tensor):
+    """A tensor subclass that records the functions called on it (__torch_function__)."""
+
+    calls = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_torch_function_subclasses_see_the_op():
+    # Eager calls take the _C fast path, which bypasses __torch_function__; a subclass that
+    # overrides it must still be dispatched through torch.ops and see the op.
+    Logged.calls.clear()
+    x, w, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(2)
+    y = fused_linear_relu(x.as_subclass(Logged), w, b)
+    assert any("dynnet.linear_relu" in c for c in Logged.calls), Logged.calls
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), reference.linear_act(x, w, b), **tol(torch.float32))
+
+
+def test_eager_fast_path_matches_torch_ops(device):
+    x, w, b = leaves((5,), 6, 4, device)
+    fast = fused_linear_relu(x, w, b)
+    slow = torch.ops.dynnet.linear_relu(x, w, b, "relu")
+    assert torch.equal(fast, slow)
+    assert NODE_NAMES["cpp"] in fast.grad_fn.name()
+    g_fast = torch.autograd.grad(fast.sum(), (x, w, b))
+    g_slow = torch.autograd.grad(slow.sum(), (x, w, b))
+    assert all(torch.equal(a, c) for a, c in zip(g_fast, g_slow))

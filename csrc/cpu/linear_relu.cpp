@@ -80,30 +80,42 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-// Writes g = mask(grad_y) (when g != nullptr) and grad_bias = column sums of g (when gb != nullptr).
-// grad_y and y are row-major (rows, cols) with row strides gy_ld and y_ld.
-template <typename scalar_t, bool kRelu>
-void mask_and_bias_grad(const scalar_t* gy, int64_t gy_ld, const scalar_t* y, int64_t y_ld,
-                        scalar_t* g, scalar_t* gb, int64_t rows, int64_t cols) {
+// Writes g = mask(grad_y) (kWriteG) and/or grad_bias = column sums of g (kSum). grad_y and y are
+// row-major (rows, cols) with row strides gy_ld and y_ld; g is contiguous. The switches are
+// template parameters so the inner loop has no branch and vectorises.
+template <typename scalar_t, bool kRelu, bool kWriteG, bool kSum>
+void mask_and_bias_grad(const scalar_t* __restrict__ gy, int64_t gy_ld, const scalar_t* __restrict__ y, int64_t y_ld,
+                        scalar_t* __restrict__ g, scalar_t* __restrict__ gb, int64_t rows, int64_t cols) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   // Split over columns so each thread owns whole column sums: the reduction order over rows is
   // the same whatever the thread count.
   const int64_t col_grain = std::max<int64_t>(16, kGrainElements / std::max<int64_t>(rows, 1));
   at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> acc(gb ? c1 - c0 : 0, acc_t(0));
+    const int64_t width = c1 - c0;
+    std::vector<acc_t> acc_buf(kSum ? width : 0, acc_t(0));
+    // Without g to write, the masked row goes through a scratch row: two simple loops (select,
+    // then widen-and-add) vectorise; one loop doing both did not.
+    std::vector<scalar_t> row_buf(kWriteG ? 0 : width);
+    acc_t* __restrict__ acc = acc_buf.data();
     for (int64_t i = 0; i < rows; ++i) {
-      const scalar_t* gyr = gy + i * gy_ld;
-      const scalar_t* yr = kRelu ? y + i * y_ld : nullptr;
-      scalar_t* gr = g ? g + i * cols : nullptr;
-      for (int64_t j = c0; j < c1; ++j) {
-        scalar_t v = gyr[j];
-        if constexpr (kRelu) v = yr[j] <= scalar_t(0) ? scalar_t(0) : v;
-        if (gr) gr[j] = v;
-        if (gb) acc[j - c0] += static_cast<acc_t>(v);
+      const scalar_t* __restrict__ gyr = gy + i * gy_ld + c0;
+      const scalar_t* __restrict__ yr = kRelu ? y + i * y_ld + c0 : nullptr;
+      scalar_t* __restrict__ gr = kWriteG ? g + i * cols + c0 : row_buf.data();
+      const scalar_t* __restrict__ masked = gyr;
+      if constexpr (kRelu) {
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t v = gyr[j];  // loaded unconditionally: a load inside the select would stop vectorisation
+          gr[j] = yr[j] <= scalar_t(0) ? scalar_t(0) : v;
+        }
+        masked = gr;
+      } else if constexpr (kWriteG) {
+        for (int64_t j = 0; j < width; ++j) gr[j] = gyr[j];
       }
+      if constexpr (kSum)
+        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(masked[j]);
     }
-    if (gb)
-      for (int64_t j = c0; j < c1; ++j) gb[j] = static_cast<scalar_t>(acc[j - c0]);
+    if constexpr (kSum)
+      for (int64_t j = 0; j < width; ++j) gb[c0 + j] = static_cast<scalar_t>(acc[j]);
   });
 }
 
@@ -137,11 +149,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
       const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
       scalar_t* gbp = need_gb ? gb.data_ptr<scalar_t>() : nullptr;
       if (relu) {
-        scalar_t* gp = (need_gx || need_gw) ? g.data_ptr<scalar_t>() : nullptr;
-        mask_and_bias_grad<scalar_t, true>(gyp, gy2.stride(0), y2.const_data_ptr<scalar_t>(), y2.stride(0),
-                                           gp, gbp, M, N);
-      } else {
-        mask_and_bias_grad<scalar_t, false>(gyp, gy2.stride(0), nullptr, 0, nullptr, gbp, M, N);
+        const scalar_t* yp = y2.const_data_ptr<scalar_t>();
+        const int64_t y_ld = y2.stride(0);
+        if (!(need_gx || need_gw)) {
+          mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), yp, y_ld, nullptr, gbp, M, N);
+        } else if (need_gb) {
+          mask_and_bias_grad<scalar_t, true, true, true>(gyp, gy2.stride(0), yp, y_ld, g.data_ptr<scalar_t>(), gbp, M, N);
+        } else {
+          mask_and_bias_grad<scalar_t, true, true, false>(gyp, gy2.stride(0), yp, y_ld, g.data_ptr<scalar_t>(), nullptr, M, N);
+        }
+      } else {  // 'none' and grad_bias asked for: the column sums of grad_y
+        mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr, gbp, M, N);
       }
     });
   }
