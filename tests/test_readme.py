@@ -1,0 +1,31 @@
+"""The README's example runs as written, and its test command is the one CI runs."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_python_example_runs():
+    code = re.search(r"```python\n(.*?)```", readme(), re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (64, 10)
+
+
+def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
+    text = readme()
+    setup = text[text.index("## Set up"):text.index("Notes on the build")]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, re.S)
+    assert len(commands) == 2
+    assert commands[0].endswith("python -m dynnet_ext train")
+    assert commands[1].endswith("python -m pytest")
+    marker = text.index("<!-- test-command -->")
+    assert text.index(commands[1]) > marker
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "<!-- test-command -->" in f.read()
