@@ -7,6 +7,7 @@ info   what was compiled and what this machine has
 """
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -25,36 +26,70 @@ def build_model(impl, D_in, H, D_out, device):
 
 
 def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=1000, H=100, D_out=10,
-          log=None):
-    """The seed's training loop. Returns (losses, step_seconds, depths).
+          log=None, ddp=False, return_model=False):
+    """The seed's training loop. Returns (losses, step_seconds, depths[, model]).
 
     Data, weights and depths come from `seed` in the seed's order (inputs, labels, model), so
     impl='fused' and impl='stock' see identical numbers. `log(epoch, loss, depth)` is called
     after each step.
+
+    ddp=True trains under torch.distributed (start with torchrun; gloo on CPU, NCCL on CUDA):
+    every rank makes the same data and weights, trains on its 1/world_size slice of the batch
+    with DistributedDataParallel, and gets the same depth as rank 0 (broadcast each step). The
+    loss is a sum over the batch, so each rank's loss is scaled by world_size before backward:
+    DDP averages gradients, and the average of world_size * (slice gradient) is the full-batch
+    gradient. Parameters thus follow single-process training on the whole batch; the reported
+    loss is the full batch's (summed over ranks).
     """
     torch.manual_seed(seed)
     random.seed(seed)
-    x = torch.randn(N, D_in).to(device)
-    label = torch.randn(N, D_out).to(device)
+    x = torch.randn(N, D_in)
+    label = torch.randn(N, D_out)
+    world, rank = 1, 0
+    if ddp:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if N % world:
+            raise ValueError(f"--ddp: the batch N={N} must divide evenly over {world} processes")
+        if str(device).startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        x, label = x.chunk(world)[rank], label.chunk(world)[rank]
+    x, label = x.to(device), label.to(device)
     model = build_model(impl, D_in, H, D_out, device)
+    net = model
+    if ddp:
+        # find_unused_parameters: at depth 0 the hidden layer gets no gradient.
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None,
+            find_unused_parameters=True)
     loss_fn = torch.nn.MSELoss(reduction="sum")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses, times, depths = [], [], []
     for epoch in range(epochs):
         t0 = time.perf_counter()
         depth = random.randint(0, 3)
-        pred = model(x, depth)
+        if ddp:
+            drawn = torch.tensor([depth], device=device)
+            dist.broadcast(drawn, src=0)  # every rank must run the same graph
+            depth = int(drawn.item())
+        pred = net(x, depth)
         loss = loss_fn(pred, label)
         optimizer.zero_grad()
-        loss.backward()
+        (loss * world if ddp else loss).backward()
         optimizer.step()
+        if ddp:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)  # the full batch's loss
         value = loss.item()  # synchronises, so the step time below is complete
         times.append(time.perf_counter() - t0)
         losses.append(value)
         depths.append(depth)
         if log:
             log(epoch, value, depth)
-    return losses, times, depths
+    return (losses, times, depths, model) if return_model else (losses, times, depths)
 
 
 def _cmd_train(args):
@@ -62,24 +97,31 @@ def _cmd_train(args):
         sys.exit(f"dynnet_ext train: --device {args.device} asked for, but torch sees no CUDA GPU")
     if args.epochs < 1:
         sys.exit("dynnet_ext train: --epochs must be at least 1")
-    width = len(str(args.epochs))
-    bar = 20
+    if args.ddp and "RANK" not in os.environ:
+        sys.exit("dynnet_ext train: --ddp runs under torchrun, e.g. "
+                 "torchrun --nproc_per_node=2 -m dynnet_ext train --ddp")
+    reporting = int(os.environ.get("RANK", "0")) == 0 if args.ddp else True  # rank 0 speaks for all
+    say = print if reporting else (lambda *a, **k: None)
+    width, bar = len(str(args.epochs)), 20
 
     def log(epoch, loss, depth):
         done = (epoch + 1) * bar // args.epochs
-        print(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch + 1:>{width}}/{args.epochs} "
-              f"depth {depth} loss {loss}", flush=True)
+        say(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch + 1:>{width}}/{args.epochs} "
+            f"depth {depth} loss {loss}", flush=True)
 
-    print(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "
-          f"N={args.N} D_in={args.D_in} H={args.H} D_out={args.D_out} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)")
+    ddp = f", DDP over {os.environ.get('WORLD_SIZE')} processes" if args.ddp else ""
+    say(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "
+        f"N={args.N} D_in={args.D_in} H={args.H} D_out={args.D_out} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads{ddp})")
     losses, times, depths = train(args.epochs, args.device, args.seed, args.impl, args.lr,
-                                  args.N, args.D_in, args.H, args.D_out, log=log)
+                                  args.N, args.D_in, args.H, args.D_out, log=log, ddp=args.ddp)
+    if args.ddp:
+        torch.distributed.destroy_process_group()
     steady = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
-    print(f"done: {args.epochs} steps in {sum(times):.3f} s; step time median "
-          f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; depths 0/1/2/3 drawn "
-          + "/".join(str(depths.count(d)) for d in range(4)) + " times")
+    say(f"done: {args.epochs} steps in {sum(times):.3f} s; step time median "
+        f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; depths 0/1/2/3 drawn "
+        + "/".join(str(depths.count(d)) for d in range(4)) + " times")
     return 0
 
 
@@ -123,6 +165,8 @@ def make_parser():
     p.add_argument("--impl", choices=["fused", "stock"], default="fused",
                    help="fused: dynnet_ext layers; stock: nn.Linear + nn.ReLU as in the seed")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ddp", action="store_true",
+                   help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA)")
     for name, value in SEED_SHAPE.items():
         p.add_argument(f"--{name}", type=int, default=value)
     p.set_defaults(func=_cmd_train)

@@ -45,6 +45,20 @@ def test_gradcheck(depth, device):
     assert torch.autograd.gradcheck(f, (x, *net.parameters()))
 
 
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_gradgradcheck(depth, device):
+    # Second derivatives (gradient penalties, Hessian-vector products) through every layer.
+    torch.manual_seed(depth)
+    net = DynamicNet(4, 3, 2, device=device, dtype=torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(net, dict(zip(names, ps)), (x, depth))
+
+    assert torch.autograd.gradgradcheck(f, (x, *net.parameters()))
+
+
 def test_depth_none_draws_like_the_seed():
     fused, stock = pair()
     x = torch.randn(4, 12)
@@ -84,12 +98,12 @@ def test_seed_shape_and_leading_dims():
     torch.testing.assert_close(fused(x, 3), stock(x, 3), **tol(torch.float32))
 
 
-@pytest.mark.parametrize("depth", [0, 3])
-def test_torch_compile_fullgraph(depth):
+@pytest.mark.parametrize("depth,backend", [(0, "aot_eager"), (3, "aot_eager"), (2, "inductor")])
+def test_torch_compile_fullgraph(depth, backend):
     torch._dynamo.reset()
     fused, stock = pair()
     x = torch.randn(5, 12)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fused, fullgraph=True, backend=backend)
     out = compiled(x, depth)
     out.sum().backward()
     grads = [p.grad.clone() for p in fused.parameters() if p.grad is not None]

@@ -132,16 +132,24 @@ def test_no_kernels_for_device_falls_back(monkeypatch):
     torch.testing.assert_close(y, reference.linear_act(x, w, b))
 
 
-def test_autocast_cpu_bfloat16_behaves_like_nn_linear():
-    x = torch.randn(8, 16, requires_grad=True)
-    layer = dynnet_ext.nn.FusedLinearReLU(16, 4)
-    stock = torch.nn.Linear(16, 4)
+AUTOCAST = [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
+]
+
+
+@pytest.mark.parametrize("device_type,dtype", AUTOCAST, ids=str)
+def test_autocast_behaves_like_nn_linear(device_type, dtype):
+    x = torch.randn(8, 16, device=device_type, requires_grad=True)
+    layer = dynnet_ext.nn.FusedLinearReLU(16, 4, device=device_type)
+    stock = torch.nn.Linear(16, 4, device=device_type)
     stock.load_state_dict(layer.state_dict())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=dtype):
         y = layer(x)
         ref = torch.relu(stock(x))
-    assert y.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref, **tol(torch.bfloat16))
+    assert y.dtype == ref.dtype == dtype
+    torch.testing.assert_close(y, ref, **tol(dtype))
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
