@@ -99,10 +99,10 @@ def test_seed_shape_and_leading_dims():
 
 
 @pytest.mark.parametrize("depth,backend", [(0, "aot_eager"), (3, "aot_eager"), (2, "inductor")])
-def test_torch_compile_fullgraph(depth, backend):
+def test_torch_compile_fullgraph(depth, backend, device):
     torch._dynamo.reset()
-    fused, stock = pair()
-    x = torch.randn(5, 12)
+    fused, stock = pair(device=device)
+    x = torch.randn(5, 12, device=device)
     compiled = torch.compile(fused, fullgraph=True, backend=backend)
     out = compiled(x, depth)
     out.sum().backward()
