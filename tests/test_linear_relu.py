@@ -184,6 +184,9 @@ def test_opcheck(bias, activation, device):
     x, w, b = make((2, 5), 7, 3, torch.float32, device, bias)
     y = OPS.linear_relu(x, w, b, activation)
     torch.library.opcheck(OPS.linear_relu.default, (x, w, b, activation))
+    # with inputs that require grad: checks the Autograd-key registration (csrc/autograd.cpp) too
+    grad_args = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
+    torch.library.opcheck(OPS.linear_relu.default, (*grad_args, activation))
     gy = torch.randn_like(y)
     torch.library.opcheck(OPS.linear_relu_backward.default, (gy, x, w, y, activation, [True, True, bias]))
     torch.library.opcheck(OPS.linear_relu_backward.default, (gy, x, w, y, activation, [False, True, False]))
