@@ -116,6 +116,7 @@ def _cmd_train(args):
     losses, times, depths = train(args.epochs, args.device, args.seed, args.impl, args.lr,
                                   args.N, args.D_in, args.H, args.D_out, log=log, ddp=args.ddp)
     if args.ddp:
+        torch.distributed.barrier()  # no rank tears its connections down while a peer still talks
         torch.distributed.destroy_process_group()
     steady = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
     say(f"done: {args.epochs} steps in {sum(times):.3f} s; step time median "

@@ -42,25 +42,51 @@ def has_kernels(device_type):
     return False
 
 
-def _check_fake_args(x, weight):
-    # The shape/dtype/device rules of csrc/common.h, for fake and meta tensors (which never
-    # reach the C++ checks).
+def _check_same(name, t, x):
+    torch._check(t.dtype == x.dtype, lambda: f"dynnet: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+    torch._check(t.device == x.device, lambda: f"dynnet: {name} must be on the same device as x ({x.device}), got {t.device}")
+
+
+def _check_fake_args(x, weight, bias=None):
+    # The rules of check_linear_args in csrc/common.h, for the fake/meta kernels: a call with any
+    # fake or meta argument lands here and never reaches the C++ checks.
+    torch._check(x.dtype in SUPPORTED_DTYPES, lambda: f"dynnet: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"dynnet: x must have at least 1 dimension (*, in_features), got a {x.dim()}-d tensor")
     torch._check(weight.dim() == 2, lambda: f"dynnet: weight must be 2-d (out_features, in_features), got shape {list(weight.shape)}")
-    torch._check(weight.dtype == x.dtype, lambda: f"dynnet: weight must have the same dtype as x ({x.dtype}), got {weight.dtype}")
-    torch._check(weight.device == x.device, lambda: f"dynnet: weight must be on the same device as x ({x.device}), got {weight.device}")
+    _check_same("weight", weight, x)
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"dynnet: x's last dimension ({x.shape[-1]}) must equal weight's in_features ({weight.shape[1]})")
+    if bias is not None:
+        _check_same("bias", bias, x)
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"dynnet: bias must have shape (out_features,) = ({weight.shape[0]},), got {list(bias.shape)}")
+
+
+def _check_activation(activation):
+    torch._check(activation in ("relu", "none"), lambda: f"dynnet: activation must be 'relu' or 'none', got '{activation}'")
+
+
+def _check_fake_backward_args(grad_y, x, weight, y, activation):
+    _check_activation(activation)
+    torch._check(activation == "none" or y is not None,
+                 lambda: "dynnet: linear_relu_backward needs the forward output y when activation='relu'")
+    _check_fake_args(x, weight)
+    expected = (*x.shape[:-1], weight.shape[0])
+    for name, t in (("grad_y", grad_y), ("y", y if y is not None else grad_y)):
+        _check_same(name, t, x)
+        torch._check(tuple(t.shape) == expected, lambda: f"dynnet: {name} must have shape {list(expected)} (x's leading dims, out_features), got {list(t.shape)}")
 
 
 if _C is not None:
 
     @torch.library.register_fake("dynnet::linear_relu")
     def _linear_relu_fake(x, weight, bias, activation="relu"):
-        _check_fake_args(x, weight)
+        _check_fake_args(x, weight, bias)
+        _check_activation(activation)
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("dynnet::linear_relu_backward")
     def _linear_relu_backward_fake(grad_y, x, weight, y, activation, output_mask):
-        _check_fake_args(x, weight)
+        _check_fake_backward_args(grad_y, x, weight, y, activation)
         need_x, need_w, need_b = output_mask
         return (
             x.new_empty(x.shape) if need_x else x.new_empty(0),

@@ -20,6 +20,7 @@ WORKER = textwrap.dedent(
     losses, _, depths, model = cli.train(epochs={STEPS}, seed=0, ddp=True, return_model=True, **{SHAPE!r})
     torch.save({{"state": model.state_dict(), "losses": losses, "depths": depths}},
                sys.argv[1] + f".rank{{torch.distributed.get_rank()}}")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     """
 )

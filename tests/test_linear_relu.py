@@ -236,3 +236,11 @@ def test_outputs_are_fresh_tensors_not_views(device):
     grads = OPS.linear_relu_backward(torch.randn_like(y), x, w, y, "relu", [True, True, True])
     for t in (y, *grads):
         assert t._base is None and t.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_round_once_like_stock_cpu(dtype):
+    # On the CPU the bias enters the GEMM's fp32 accumulator for half types, so y is rounded to
+    # the dtype once, exactly as stock's addmm: the results are bitwise equal.
+    x, w, b = make((64,), 1000, 100, dtype, "cpu")
+    assert torch.equal(OPS.linear_relu(x, w, b, "relu"), torch.relu(torch.nn.functional.linear(x, w, b)))

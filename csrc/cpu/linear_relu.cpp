@@ -63,8 +63,16 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M > 0 && N > 0) {
     at::Tensor y2 = y.view({M, N});
-    at::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
-    const bool has_bias = bias.has_value();
+    // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
+    // dtype once, as stock's addmm does; adding it afterwards would round twice.
+    const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+    const bool bias_in_gemm = bias.has_value() && half;
+    if (bias_in_gemm) {
+      at::addmm_out(y2, *bias, x2, weight.t());
+    } else {
+      at::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
+    }
+    const bool has_bias = bias.has_value() && !bias_in_gemm;
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_cpu", [&] {
       scalar_t* yp = y.data_ptr<scalar_t>();
