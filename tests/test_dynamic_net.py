@@ -33,7 +33,9 @@ def test_matches_stock_outputs_and_grads(depth, device):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_gradcheck(depth, device):
+def test_gradcheck_and_gradgradcheck(depth, device):
+    # First and second derivatives (gradient penalties, Hessian-vector products) through every
+    # layer, the shared hidden layer's reuse included.
     torch.manual_seed(depth)
     net = DynamicNet(5, 4, 3, device=device, dtype=torch.float64)
     names = [n for n, _ in net.named_parameters()]
@@ -43,19 +45,6 @@ def test_gradcheck(depth, device):
         return torch.func.functional_call(net, dict(zip(names, ps)), (x, depth))
 
     assert torch.autograd.gradcheck(f, (x, *net.parameters()))
-
-
-@pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_gradgradcheck(depth, device):
-    # Second derivatives (gradient penalties, Hessian-vector products) through every layer.
-    torch.manual_seed(depth)
-    net = DynamicNet(4, 3, 2, device=device, dtype=torch.float64)
-    names = [n for n, _ in net.named_parameters()]
-    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
-
-    def f(x, *ps):
-        return torch.func.functional_call(net, dict(zip(names, ps)), (x, depth))
-
     assert torch.autograd.gradgradcheck(f, (x, *net.parameters()))
 
 
