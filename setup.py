@@ -24,9 +24,6 @@ except ImportError:  # pragma: no cover - exercised only by a broken install
         "  pip install torch && pip install --no-build-isolation ."
     )
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
 def find_cuda_home():
     """A real CUDA toolkit folder (with bin/nvcc and lib64/libcudart), or None.
 
