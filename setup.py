@@ -76,9 +76,16 @@ def make_extension():
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("DYNNET_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]
+    link = []
+    if torch._C.has_openmp:
+        # at::parallel_for is a header template: compiled without OpenMP it runs every task on
+        # the calling thread. -fopenmp makes it use torch's thread pool (the libgomp torch loaded
+        # first; the same soname, so the dynamic linker reuses it rather than loading a second).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not build_cuda:
         return cpp_extension.CppExtension(
-            "dynnet_ext._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx}
+            "dynnet_ext._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
 
     # torch reads CUDA_HOME at import; point it at the real toolkit before building.
@@ -95,6 +102,7 @@ def make_extension():
         include_dirs=nvidia_wheel_includes(),
         define_macros=defines,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

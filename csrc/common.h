@@ -95,4 +95,63 @@ inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, const at::Tens
   return shape;
 }
 
+// Checks the arguments of dynamic_net: x (*, D_in), w_in (H, D_in), b_in (H), w_h and b_h (H, H)
+// and (H) - both given or both None, required when depth > 0 - w_out (D_out, H), b_out (D_out).
+inline void check_dynamic_net_args(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+                                   const std::optional<at::Tensor>& w_h, const std::optional<at::Tensor>& b_h,
+                                   const at::Tensor& w_out, const at::Tensor& b_out, int64_t depth) {
+  TORCH_CHECK(depth >= 0, "dynnet: depth must be >= 0, got ", depth);
+  check_linear_args(x, w_in, std::nullopt);
+  const int64_t H = w_in.size(0);
+  DYNNET_CHECK_SAME("b_in", b_in, "x", x);
+  TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == H, "dynnet: b_in must have shape (H,) = (", H, ",), got ",
+              b_in.sizes());
+  TORCH_CHECK(w_h.has_value() == b_h.has_value(), "dynnet: w_h and b_h must both be given or both be None");
+  TORCH_CHECK(w_h.has_value() || depth == 0, "dynnet: depth ", depth,
+              " reuses the hidden layer, so w_h and b_h must be given (None is allowed only at depth 0)");
+  if (w_h.has_value()) {
+    DYNNET_CHECK_SAME("w_h", *w_h, "x", x);
+    TORCH_CHECK(w_h->dim() == 2 && w_h->size(0) == H && w_h->size(1) == H,
+                "dynnet: w_h must have shape (H, H) = (", H, ", ", H, ") with H = w_in.shape[0], got ", w_h->sizes());
+    DYNNET_CHECK_SAME("b_h", *b_h, "x", x);
+    TORCH_CHECK(b_h->dim() == 1 && b_h->size(0) == H, "dynnet: b_h must have shape (H,) = (", H, ",), got ",
+                b_h->sizes());
+  }
+  DYNNET_CHECK_SAME("w_out", w_out, "x", x);
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == H, "dynnet: w_out must have shape (D_out, H) with H = ", H,
+              " (w_in.shape[0]), got ", w_out.sizes());
+  DYNNET_CHECK_SAME("b_out", b_out, "x", x);
+  TORCH_CHECK(b_out.dim() == 1 && b_out.size(0) == w_out.size(0), "dynnet: b_out must have shape (D_out,) = (",
+              w_out.size(0), ",), got ", b_out.sizes());
+}
+
+// Checks the arguments of dynamic_net_backward against the forward's: grad_out (*, D_out) and
+// acts ((depth + 1) * M, H), M = x's leading rows.
+inline void check_dynamic_net_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in,
+                                            const std::optional<at::Tensor>& w_h, const at::Tensor& w_out,
+                                            const at::Tensor& acts, int64_t depth) {
+  TORCH_CHECK(depth >= 0, "dynnet: depth must be >= 0, got ", depth);
+  check_linear_args(x, w_in, std::nullopt);
+  const int64_t H = w_in.size(0);
+  TORCH_CHECK(w_h.has_value() || depth == 0, "dynnet: depth ", depth, " needs w_h");
+  if (w_h.has_value()) {
+    DYNNET_CHECK_SAME("w_h", *w_h, "x", x);
+    TORCH_CHECK(w_h->dim() == 2 && w_h->size(0) == H && w_h->size(1) == H, "dynnet: w_h must have shape (H, H) = (",
+                H, ", ", H, "), got ", w_h->sizes());
+  }
+  DYNNET_CHECK_SAME("w_out", w_out, "x", x);
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == H, "dynnet: w_out must have shape (D_out, H) with H = ", H,
+              ", got ", w_out.sizes());
+  DYNNET_CHECK_SAME("grad_out", grad_out, "x", x);
+  auto expected = x.sizes().vec();
+  expected.back() = w_out.size(0);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), "dynnet: grad_out must have shape ",
+              at::IntArrayRef(expected), " (x's leading dims, D_out), got ", grad_out.sizes());
+  DYNNET_CHECK_SAME("acts", acts, "x", x);
+  const int64_t rows = leading_rows(x);
+  TORCH_CHECK(acts.dim() == 2 && acts.size(0) == (depth + 1) * rows && acts.size(1) == H,
+              "dynnet: acts must have shape ((depth + 1) * M, H) = (", (depth + 1) * rows, ", ", H,
+              ") as dynamic_net returned it, got ", acts.sizes());
+}
+
 }  // namespace dynnet

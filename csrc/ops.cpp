@@ -10,16 +10,34 @@
 //   NaN exactly as threshold_backward does; y may be None for 'none'): grad_x = g @ weight, grad_weight = g.T @ x,
 //   grad_bias = g.sum over leading dims. A gradient whose output_mask entry is false is not
 //   computed and is returned as an empty tensor of shape (0,).
+//
+// dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth) -> (out, acts)
+//   The whole DynamicNet: h = relu(x @ w_in.T + b_in), then depth times h = relu(h @ w_h.T + b_h)
+//   (one shared hidden layer), out = h @ w_out.T + b_out. x: (*, D_in), w_in: (H, D_in),
+//   w_h: (H, H), w_out: (D_out, H), biases 1-d. w_h and b_h may be None at depth 0. out: (*, D_out);
+//   acts: ((depth + 1) * M, H), the post-ReLU activations h_0..h_depth stacked (M = rows of x),
+//   which the backward needs.
+// dynamic_net_backward(grad_out, x, w_in, w_h, w_out, acts, depth, output_mask)
+//     -> (grad_x, grad_w_in, grad_b_in, grad_w_h, grad_b_h, grad_w_out, grad_b_out)
+//   All gradients of dynamic_net; the shared layer's summed over its depth uses (zeros at depth 0).
+//   output_mask and empty (0,) tensors as for linear_relu_backward.
 
 #include <torch/extension.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 TORCH_LIBRARY(dynnet, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
   m.def(
       "linear_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? y, str activation, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dynamic_net(Tensor x, Tensor w_in, Tensor b_in, Tensor? w_h, Tensor? b_h, Tensor w_out, Tensor b_out, "
+      "int depth) -> (Tensor, Tensor)");
+  m.def(
+      "dynamic_net_backward(Tensor grad_out, Tensor x, Tensor w_in, Tensor? w_h, Tensor w_out, Tensor acts, "
+      "int depth, bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // setup.py defines these; the defaults keep a hand build working.
@@ -32,21 +50,15 @@ TORCH_LIBRARY(dynnet, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "dynnet_ext compiled kernels (loading this module registers torch.ops.dynnet.*)";
-  // The eager fast path to torch.ops.dynnet.linear_relu: the same dispatcher call (autograd,
-  // device kernels, Python modes all apply), without torch.ops' Python-side argument handling,
-  // which costs ~2-3 us a call - a sizeable part of a small layer. torch.compile traces
-  // torch.ops.dynnet.linear_relu instead (dynnet_ext.functional picks).
-  module.def(
-      "linear_relu",
-      [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-         const std::string& activation) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dynnet::linear_relu", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               c10::string_view)>();
-        return op.call(x, weight, bias, activation);
-      },
-      pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("activation"));
+  // The eager fast paths to torch.ops.dynnet.linear_relu and dynamic_net: the same dispatcher
+  // call (autograd, device kernels, Python modes all apply), without torch.ops' Python-side
+  // argument handling, which costs ~2-3 us a call - a sizeable part of a small layer.
+  // torch.compile traces torch.ops.dynnet.* instead (dynnet_ext.functional picks).
+  module.def("linear_relu", &dynnet::call_linear_relu, pybind11::arg("x"), pybind11::arg("weight"),
+             pybind11::arg("bias"), pybind11::arg("activation"));
+  module.def("dynamic_net", &dynnet::call_dynamic_net, pybind11::arg("x"), pybind11::arg("w_in"),
+             pybind11::arg("b_in"), pybind11::arg("w_h"), pybind11::arg("b_h"), pybind11::arg("w_out"),
+             pybind11::arg("b_out"), pybind11::arg("depth"));
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;

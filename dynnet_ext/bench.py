@@ -30,8 +30,12 @@ import torch
 from torch import nn
 
 SUBJECTS = ("layer", "net", "step", "memory")
-IMPLS = ("fused", "stock", "compile", "compile-max-autotune", "addmm-activation")
-DEFAULT_IMPLS = {"cpu": ("fused", "stock", "compile"), "cuda": IMPLS}
+IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
+         "addmm-activation")
+DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile"), "cuda": IMPLS}
+# Implementations that exist for one subject kind only: a layer's forward (addmm-activation), a
+# network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again).
+LAYER_ONLY, NET_ONLY = ("addmm-activation",), ("fused-layer",)
 LAYER_PHASES = ("forward", "backward", "forward+backward")
 DEPTHS = (0, 1, 2, 3)
 MEMORY_DEPTH = 3  # the deepest graph the seed draws: the peak over its steps
@@ -110,7 +114,9 @@ def add_arguments(parser, subjects=SUBJECTS):
     parser.add_argument("--impls", type=_csv(IMPLS), default=None,
                         help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
                              f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
-                             "(addmm-activation = torch._addmm_activation, layer forward only)")
+                             "(fused: the default DynamicNet, whole-network ops; fused-layer: "
+                             "DynamicNet(fusion='layer'), net/step/memory only; addmm-activation = "
+                             "torch._addmm_activation, layer forward only)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads, set for the run and reported (default: torch's current count)")
     parser.add_argument("--reps", type=_positive_int, default=None,
@@ -226,14 +232,14 @@ class _AddmmReLU(nn.Module):
 
 
 class _MarkedStep(nn.Module):
-    """A module compiled with mode="max-autotune", which replays CUDA graphs. Each call starts
-    a new step for CUDA graph trees (the benchmark never reads an earlier call's output after
-    the next call): without the mark, forwards repeated without a backward (the forward rows)
-    would leave pending backwards and make the graphs fall back."""
+    """A module compiled with a mode that replays CUDA graphs ("reduce-overhead",
+    "max-autotune"). Each call starts a new step for CUDA graph trees (the benchmark never reads
+    an earlier call's output after the next call): without the mark, forwards repeated without a
+    backward (the forward rows) would leave pending backwards and make the graphs fall back."""
 
-    def __init__(self, model):
+    def __init__(self, model, mode):
         super().__init__()
-        self.compiled = torch.compile(model, mode="max-autotune")
+        self.compiled = torch.compile(model, mode=mode)
 
     def forward(self, *args):
         torch.compiler.cudagraph_mark_step_begin()
@@ -241,7 +247,7 @@ class _MarkedStep(nn.Module):
 
 
 def _compiled(model, impl):
-    return torch.compile(model) if impl == "compile" else _MarkedStep(model)
+    return torch.compile(model) if impl == "compile" else _MarkedStep(model, impl.removeprefix("compile-"))
 
 
 def _clear(tensors):
@@ -260,6 +266,8 @@ class LayerCase:
         base = nn.Sequential(nn.Linear(fin, fout, device=device), nn.ReLU())
         self.models = {}
         for impl in impls:
+            if impl in NET_ONLY:
+                continue
             if impl == "fused":
                 model = FusedLinearReLU(fin, fout, device=device)
                 model.load_state_dict(base[0].state_dict())
@@ -308,10 +316,10 @@ class NetCase:
         base = StockNet(D_in, H, D_OUT, device=device)
         self.models, self.optimizers = {}, {}
         for impl in impls:
-            if impl == "addmm-activation":  # a layer's forward only
+            if impl in LAYER_ONLY:
                 continue
-            if impl == "fused":
-                model = DynamicNet(D_in, H, D_OUT, device=device)
+            if impl in ("fused", "fused-layer"):
+                model = DynamicNet(D_in, H, D_OUT, device=device, fusion="network" if impl == "fused" else "layer")
                 model.load_state_dict(base.state_dict())
             elif impl == "stock":
                 model = copy.deepcopy(base)

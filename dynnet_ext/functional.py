@@ -3,6 +3,7 @@
 LinearReLUFunction without the Python per-call cost) -> CPU or CUDA kernel. In eager mode the
 op is called through _C.linear_relu, the same dispatcher call minus torch.ops' Python-side
 argument handling; torch.compile and tensors with __torch_function__ get torch.ops.
+dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
 float32/64, float16, bfloat16) go through stock PyTorch instead, with the same results."""
 
@@ -19,15 +20,23 @@ def _autocast_dtype(device_type):
     return None
 
 
+def _autocast(x, *tensors):
+    """Under autocast, behave as nn.Linear does: compute in the autocast dtype."""
+    cast = _autocast_dtype(x.device.type) if x.is_floating_point() else None
+    if cast is None:
+        return (x, *tensors)
+    return tuple(t.to(cast) if t is not None else None for t in (x, *tensors))
+
+
+def _eligible(x):
+    return has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
+
+
 def _linear(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
-    # Under autocast, behave as nn.Linear does: compute in the autocast dtype.
-    cast = _autocast_dtype(x.device.type) if x.is_floating_point() else None
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
-    if has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES:
+    x, weight, bias = _autocast(x, weight, bias)
+    if _eligible(x):
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
@@ -42,3 +51,25 @@ def fused_linear_relu(x, weight, bias=None):
 def fused_linear(x, weight, bias=None):
     """x @ weight.T + bias (no activation), same kernels. x: (*, in), weight: (out, in), bias: (out,) or None -> (*, out)."""
     return _linear(x, weight, bias, "none")
+
+
+def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
+    """The whole DynamicNet forward in one fused op (and its backward in one more):
+    h = relu(x @ w_in.T + b_in); `depth` times h = relu(h @ w_h.T + b_h); out = h @ w_out.T + b_out.
+
+    x: (*, D_in), w_in: (H, D_in), b_in: (H,), w_h: (H, H), b_h: (H,), w_out: (D_out, H),
+    b_out: (D_out,) -> (*, D_out). w_h and b_h may be None at depth 0 (then they are not part of
+    the graph, as in the stock model). One autograd node; the shared hidden layer's gradients are
+    summed over its `depth` uses inside the backward op.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+    x, w_in, b_in, w_h, b_h, w_out, b_out = _autocast(x, w_in, b_in, w_h, b_h, w_out, b_out)
+    if _eligible(x):
+        args = (x, w_in, b_in, w_h, b_h, w_out, b_out)
+        if torch.compiler.is_compiling() or has_torch_function(args):
+            return torch.ops.dynnet.dynamic_net(*args, depth)[0]
+        return _C.dynamic_net(*args, depth)[0]
+    return reference.dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)

@@ -2,6 +2,7 @@
 wraps them. Loading `_C` is the only thing in dynnet_ext allowed to fail softly: without it
 the package still imports, warns once, and `functional` computes with stock PyTorch."""
 
+import math
 import warnings
 
 import torch
@@ -93,6 +94,57 @@ if _C is not None:
             weight.new_empty(weight.shape) if need_w else x.new_empty(0),
             weight.new_empty(weight.shape[0]) if need_b else x.new_empty(0),
         )
+
+
+def _check_fake_dynamic_net_args(x, w_in, w_h, w_out, depth):
+    # The rules of check_dynamic_net_args / check_dynamic_net_backward_args in csrc/common.h.
+    torch._check(depth >= 0, lambda: f"dynnet: depth must be >= 0, got {depth}")
+    _check_fake_args(x, w_in)
+    H = w_in.shape[0]
+    torch._check(w_h is not None or depth == 0,
+                 lambda: f"dynnet: depth {depth} reuses the hidden layer, so w_h and b_h must be given")
+    if w_h is not None:
+        _check_same("w_h", w_h, x)
+        torch._check(w_h.dim() == 2 and w_h.shape[0] == H and w_h.shape[1] == H,
+                     lambda: f"dynnet: w_h must have shape (H, H) = ({H}, {H}), got {list(w_h.shape)}")
+    _check_same("w_out", w_out, x)
+    torch._check(w_out.dim() == 2 and w_out.shape[1] == H,
+                 lambda: f"dynnet: w_out must have shape (D_out, H) with H = {H}, got {list(w_out.shape)}")
+
+
+def _check_fake_bias(name, b, n, x):
+    _check_same(name, b, x)
+    torch._check(b.dim() == 1 and b.shape[0] == n, lambda: f"dynnet: {name} must have shape ({n},), got {list(b.shape)}")
+
+
+if _C is not None:
+
+    @torch.library.register_fake("dynnet::dynamic_net")
+    def _dynamic_net_fake(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
+        _check_fake_dynamic_net_args(x, w_in, w_h, w_out, depth)
+        torch._check((w_h is None) == (b_h is None), lambda: "dynnet: w_h and b_h must both be given or both be None")
+        H = w_in.shape[0]
+        _check_fake_bias("b_in", b_in, H, x)
+        if b_h is not None:
+            _check_fake_bias("b_h", b_h, H, x)
+        _check_fake_bias("b_out", b_out, w_out.shape[0], x)
+        rows = math.prod(x.shape[:-1])
+        return x.new_empty((*x.shape[:-1], w_out.shape[0])), x.new_empty(((depth + 1) * rows, H))
+
+    @torch.library.register_fake("dynnet::dynamic_net_backward")
+    def _dynamic_net_backward_fake(grad_out, x, w_in, w_h, w_out, acts, depth, output_mask):
+        _check_fake_dynamic_net_args(x, w_in, w_h, w_out, depth)
+        H, D_out = w_in.shape[0], w_out.shape[0]
+        expected = (*x.shape[:-1], D_out)
+        _check_same("grad_out", grad_out, x)
+        torch._check(tuple(grad_out.shape) == expected,
+                     lambda: f"dynnet: grad_out must have shape {list(expected)} (x's leading dims, D_out), got {list(grad_out.shape)}")
+        _check_same("acts", acts, x)
+        rows = math.prod(x.shape[:-1])
+        torch._check(acts.dim() == 2 and acts.shape[0] == (depth + 1) * rows and acts.shape[1] == H,
+                     lambda: f"dynnet: acts must have shape ((depth + 1) * M, H) = ({(depth + 1) * rows}, {H}), got {list(acts.shape)}")
+        shapes = (x.shape, w_in.shape, (H,), (H, H), (H,), w_out.shape, (D_out,))
+        return tuple(x.new_empty(shape if need else (0,)) for need, shape in zip(output_mask, shapes))
 
 
 class LinearReLUFunction(torch.autograd.Function):

@@ -28,6 +28,15 @@ def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
     return grads[0], grads[1], grads[2] if bias is not None else None
 
 
+def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
+    """DynamicNet's forward as a function of its parameters, with stock ops (w_h, b_h may be None
+    at depth 0). x: (*, D_in) -> (*, D_out)."""
+    h = F.relu(F.linear(x, w_in, b_in))
+    for _ in range(depth):
+        h = F.relu(F.linear(h, w_h, b_h))
+    return F.linear(h, w_out, b_out)
+
+
 def draw_depth():
     """How many times the hidden layer is reused: 0 to 3, drawn with Python's `random`, as the seed does."""
     return random.randint(0, 3)

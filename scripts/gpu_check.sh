@@ -117,7 +117,7 @@ else
   t=$(allow 400)
   log "== bench --device cuda (timeout $t s) into $bench_dir"
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
-  bench_args=${GPU_CHECK_BENCH_ARGS:---impls fused,stock,compile,addmm-activation --reps 11 --shapes 1x16x16,64x100x100,64x1000x100,1024x1024x1024,8192x4096x4096}
+  bench_args=${GPU_CHECK_BENCH_ARGS:---impls fused,fused-layer,stock,compile,compile-reduce-overhead,addmm-activation --reps 11 --shapes 1x16x16,64x100x100,64x1000x100,1024x1024x1024,8192x4096x4096}
   timeout "$t" "$PY" -m dynnet_ext bench --device cuda --out "$bench_dir" $bench_args 2>&1 | tee -a "$STEPS"
   step_done bench $?
   for f in results.json results.md speedup.png; do

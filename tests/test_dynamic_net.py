@@ -9,16 +9,20 @@ from conftest import tol
 from dynnet_ext import DynamicNet, reference
 
 
-def pair(D_in=12, H=8, D_out=3, device="cpu", dtype=torch.float32):
-    fused = DynamicNet(D_in, H, D_out, device=device, dtype=dtype)
+FUSIONS = ["network", "layer"]
+
+
+def pair(D_in=12, H=8, D_out=3, device="cpu", dtype=torch.float32, fusion="network"):
+    fused = DynamicNet(D_in, H, D_out, device=device, dtype=dtype, fusion=fusion)
     stock = reference.DynamicNet(D_in, H, D_out, device=device, dtype=dtype)
     stock.load_state_dict(fused.state_dict())
     return fused, stock
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_matches_stock_outputs_and_grads(depth, device):
-    fused, stock = pair(device=device)
+def test_matches_stock_outputs_and_grads(depth, fusion, device):
+    fused, stock = pair(device=device, fusion=fusion)
     x = torch.randn(16, 12, device=device)
     out_f, out_s = fused(x, depth), stock(x, depth)
     torch.testing.assert_close(out_f, out_s, **tol(torch.float32))
@@ -32,12 +36,13 @@ def test_matches_stock_outputs_and_grads(depth, device):
             torch.testing.assert_close(pf.grad, ps.grad, **tol(torch.float32), msg=name)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_gradcheck_and_gradgradcheck(depth, device):
+def test_gradcheck_and_gradgradcheck(depth, fusion, device):
     # First and second derivatives (gradient penalties, Hessian-vector products) through every
     # layer, the shared hidden layer's reuse included.
     torch.manual_seed(depth)
-    net = DynamicNet(5, 4, 3, device=device, dtype=torch.float64)
+    net = DynamicNet(5, 4, 3, device=device, dtype=torch.float64, fusion=fusion)
     names = [n for n, _ in net.named_parameters()]
     x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
 
@@ -101,3 +106,31 @@ def test_torch_compile_fullgraph(depth, backend, device):
     torch.testing.assert_close(out, ref, **tol(torch.float32))
     for g, p in zip(grads, [p for p in stock.parameters() if p.grad is not None]):
         torch.testing.assert_close(g, p.grad, **tol(torch.float32))
+
+
+def test_fusion_flag():
+    x = torch.randn(4, 12)
+    network, stock = pair()
+    layer = DynamicNet(12, 8, 3, fusion="layer")
+    layer.load_state_dict(network.state_dict())
+    out_n, out_l = network(x, 3), layer(x, 3)
+    torch.testing.assert_close(out_n, out_l, **tol(torch.float32))
+    # network: one autograd node for the whole forward; layer: one per layer.
+    assert "DynamicNet" in out_n.grad_fn.name() and "LinearReLU" in out_l.grad_fn.name()
+    assert "fusion='network'" in repr(network)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        DynamicNet(4, 3, 2, fusion="model")
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_network_fusion_under_autocast_and_no_grad(depth):
+    fused, stock = pair()
+    x = torch.randn(6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_s = fused(x, depth), stock(x, depth)
+    assert out_f.dtype == out_s.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f, out_s, **tol(torch.bfloat16))
+    with torch.no_grad():
+        out = fused(x, depth)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, stock(x, depth), **tol(torch.float32))

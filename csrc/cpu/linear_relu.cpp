@@ -17,9 +17,7 @@
 //   GEMMs, run side by side one thread each when both are wanted. Gradients not asked for are
 //   neither computed nor allocated.
 //
-// NaN behaves as in stock PyTorch: ReLU is `v < 0 ? 0 : v`, which keeps NaN (fmax(NaN, 0) would
-// give 0), and the backward mask is `y <= 0 ? 0 : g`, which lets the gradient through where y is
-// NaN, exactly as threshold_backward (ReLU's stock backward) does. `y > 0 ? g : 0` would not.
+// NaN behaves as in stock PyTorch (see kernels.h).
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -27,7 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "kernels.h"
 
 namespace dynnet {
 namespace {
@@ -38,17 +36,8 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / s
 
 template <typename scalar_t, bool kRelu, bool kBias>
 void bias_act_inplace(scalar_t* y, const scalar_t* bias, int64_t rows, int64_t cols) {
-  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* row = y + i * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        acc_t v = static_cast<acc_t>(row[j]);
-        if constexpr (kBias) v += static_cast<acc_t>(bias[j]);
-        if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;
-        row[j] = static_cast<scalar_t>(v);
-      }
-    }
+    bias_act_rows<scalar_t, kRelu, kBias>(y + begin * cols, bias, end - begin, cols);
   });
 }
 
@@ -60,33 +49,12 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  const at::Tensor x2 = as_2d(x, M, K);
   // Allocated in its final shape and filled through a 2-d view: the op returns a tensor that is
   // nobody's view (autograd forbids in-place changes to views made inside a custom Function).
   at::Tensor y = at::empty(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M > 0 && N > 0) {
     at::Tensor y2 = y.view({M, N});
-    // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
-    // dtype once, as stock's addmm does; adding it afterwards would round twice.
-    const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-    const bool bias_in_gemm = bias.has_value() && half;
-    if (bias_in_gemm) {
-      at::addmm_out(y2, *bias, x2, weight.t());
-    } else {
-      at::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
-    }
-    const bool has_bias = bias.has_value() && !bias_in_gemm;
-    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_cpu", [&] {
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-      if (act == Activation::Relu) {
-        has_bias ? bias_act_inplace<scalar_t, true, true>(yp, bp, M, N)
-                 : bias_act_inplace<scalar_t, true, false>(yp, bp, M, N);
-      } else if (has_bias) {
-        bias_act_inplace<scalar_t, false, true>(yp, bp, M, N);
-      }
-    });
+    linear_act_2d(y2, as_2d(x, M, K), weight, bias, act);
   }
   return y;
 }
@@ -178,15 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
   at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
   at::Tensor gx2 = need_gx ? gx.view({M, K}) : gx;
-  const auto grad_input = [&] { at::mm_out(gx2, g, weight); };
-  const auto grad_weight = [&] { at::mm_out(gw, g.t(), as_2d(x, M, K)); };
+  const auto grad_input = [&] { at::cpu::mm_out(gx2, g, weight); };
+  const auto grad_weight = [&] { at::cpu::mm_out(gw, g.t(), as_2d(x, M, K)); };
   if (need_gx && need_gw && at::get_num_threads() > 1) {
     // The two GEMMs have the same FLOP count (2 M N K) and are independent: run them side by
     // side, one per thread (the BLAS runs single-threaded inside a parallel region), instead of
     // one after the other each split over the threads, which scales poorly at small sizes.
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) i == 0 ? grad_input() : grad_weight();
-    });
+    parallel_tasks(2, [&](int64_t t) { t == 0 ? grad_input() : grad_weight(); });
   } else {
     if (need_gx) grad_input();
     if (need_gw) grad_weight();
@@ -195,6 +161,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
 }
 
 }  // namespace
+
+void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, Activation act) {
+  const int64_t M = y2.size(0), N = y2.size(1);
+  if (M == 0 || N == 0) return;
+  // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
+  // dtype once, as stock's addmm does; adding it afterwards would round twice.
+  const bool half = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
+  const bool bias_in_gemm = bias.has_value() && half;
+  if (bias_in_gemm) {
+    at::cpu::addmm_out(y2, *bias, x2, weight.t());
+  } else {
+    at::cpu::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
+  }
+  const bool has_bias = bias.has_value() && !bias_in_gemm;
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "linear_act_2d", [&] {
+    scalar_t* yp = y2.data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (act == Activation::Relu) {
+      has_bias ? bias_act_inplace<scalar_t, true, true>(yp, bp, M, N)
+               : bias_act_inplace<scalar_t, true, false>(yp, bp, M, N);
+    } else if (has_bias) {
+      bias_act_inplace<scalar_t, false, true>(yp, bp, M, N);
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("linear_relu", &linear_relu_cpu);

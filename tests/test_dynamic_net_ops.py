@@ -1,0 +1,165 @@
+"""The whole-network ops torch.ops.dynnet.dynamic_net / dynamic_net_backward against the stock
+reference (dynnet_ext.reference.dynamic_net differentiated by stock autograd)."""
+
+import pytest
+import torch
+
+from conftest import tol
+from dynnet_ext import reference
+
+OPS = torch.ops.dynnet
+CUDA = torch.cuda.is_available()
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (leading dims of x, D_in, H, D_out): the seed's shape, odd and prime sizes, 1-row and empty
+# batches, 3-D input, and on CUDA a hidden width past the one-launch path's limit (256).
+SHAPES = [
+    ((64,), 1000, 100, 10),
+    ((7,), 13, 5, 3),
+    ((1,), 1, 1, 1),
+    ((31,), 97, 61, 17),
+    ((0,), 8, 4, 2),
+    ((2, 3), 11, 7, 5),
+    ((9,), 33, 300, 4),
+]
+NAMES = ("x", "w_in", "b_in", "w_h", "b_h", "w_out", "b_out")
+
+
+def make(lead, D_in, H, D_out, dtype, device):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    return [rand(*lead, D_in), rand(H, D_in, scale=max(D_in, 1) ** -0.5), rand(H),
+            rand(H, H, scale=max(H, 1) ** -0.5), rand(H), rand(D_out, H, scale=max(H, 1) ** -0.5), rand(D_out)]
+
+
+def args_at(params, depth):
+    """The op's arguments: w_h, b_h None at depth 0 (as DynamicNet passes them)."""
+    x, w_in, b_in, w_h, b_h, w_out, b_out = params
+    return (x, w_in, b_in, *((w_h, b_h) if depth else (None, None)), w_out, b_out, depth)
+
+
+def expected(params, depth, grad_out):
+    """Stock forward and all seven gradients in the same dtype (stock rounds each layer's output
+    to the dtype, as the kernels do), zeros for the unused hidden layer at depth 0."""
+    leaves = [p.detach().requires_grad_() for p in params]
+    out = reference.dynamic_net(*leaves, depth)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return out.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+
+
+def devices():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_forward_and_backward_match_reference(shape, dtype, depth, device):
+    params = make(*shape, dtype, device)
+    out, acts = OPS.dynamic_net(*args_at(params, depth))
+    lead, D_in, H, D_out = shape
+    M = torch.Size(lead).numel()
+    assert out.shape == (*lead, D_out) and out.dtype == dtype and out.device.type == device
+    assert acts.shape == ((depth + 1) * M, H)
+    grad_out = torch.randn(*lead, D_out, dtype=torch.float64).to(dtype=dtype, device=device)
+    ref_out, ref_grads = expected(params, depth, grad_out)
+    torch.testing.assert_close(out, ref_out, **tol(dtype))
+
+    w_h = params[3] if depth else None
+    grads = OPS.dynamic_net_backward(grad_out, params[0], params[1], w_h, params[5], acts, depth, [True] * 7)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert g.shape == r.shape, name
+        torch.testing.assert_close(g, r, **tol(dtype), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_output_mask_and_depth_zero_hidden(device):
+    params = make((6,), 9, 5, 3, torch.float64, device)
+    out, acts = OPS.dynamic_net(*args_at(params, 2))
+    g = torch.randn_like(out)
+    full = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
+    for i in range(7):
+        mask = [j == i for j in range(7)]
+        part = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, mask)
+        for j, t in enumerate(part):
+            if j == i:
+                assert torch.equal(t, full[i]), NAMES[i]  # the same bits alone as with the rest
+            else:
+                assert t.shape == (0,), NAMES[j]
+    # Hidden weights given at depth 0: the layer is unused, its gradients are zero.
+    out0, acts0 = OPS.dynamic_net(*params, 0)
+    grads = OPS.dynamic_net_backward(torch.ones_like(out0), params[0], params[1], params[3], params[5], acts0, 0,
+                                     [True] * 7)
+    assert not grads[3].any() and not grads[4].any()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_gradcheck_and_gradgradcheck(depth, device):
+    params = [p.requires_grad_() for p in make((4,), 5, 3, 2, torch.float64, device)]
+
+    def f(*ps):
+        return OPS.dynamic_net(*args_at(ps, depth))[0]
+
+    used = params if depth else params[:3] + params[5:]
+
+    def g(*us):
+        ps = list(us[:3]) + ([us[3], us[4]] if depth else [None, None]) + list(us[-2:])
+        return f(*ps)
+
+    assert torch.autograd.gradcheck(g, tuple(used))
+    assert torch.autograd.gradgradcheck(g, tuple(used))
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_opcheck(depth):
+    params = [p.requires_grad_(i > 0) for i, p in enumerate(make((5,), 6, 4, 3, torch.float32, "cpu"))]
+    torch.library.opcheck(OPS.dynamic_net.default, args_at(params, depth))
+    detached = [p.detach() for p in params]
+    out, acts = OPS.dynamic_net(*args_at(detached, depth))
+    torch.library.opcheck(OPS.dynamic_net_backward.default,
+                          (torch.randn_like(out), detached[0], detached[1], detached[3] if depth else None,
+                           detached[5], acts, depth, [True] * 7))
+
+
+def test_deterministic_and_nan_like_stock():
+    params = make((64,), 1000, 100, 10, torch.float32, "cpu")
+    a = OPS.dynamic_net(*args_at(params, 3))
+    b = OPS.dynamic_net(*args_at(params, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    g = torch.randn_like(a[0])
+    ga = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], a[1], 3, [True] * 7)
+    gb = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], a[1], 3, [True] * 7)
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    # NaN in the input propagates as in stock (ReLU keeps NaN).
+    params[0][0, 0] = float("nan")
+    out, _ = OPS.dynamic_net(*args_at(params, 1))
+    ref = reference.dynamic_net(*params, 1)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0].isnan().all()
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda p: (p[0], p[1], p[2], None, None, p[5], p[6], 2), "w_h and b_h must be given"),
+    (lambda p: (p[0], p[1], p[2], p[3], None, p[5], p[6], 1), "both be given or both be None"),
+    (lambda p: (p[0], p[1], p[2], p[3], p[4], p[5], p[6], -1), "depth must be >= 0"),
+    (lambda p: (p[0][:, :-1], p[1], p[2], p[3], p[4], p[5], p[6], 1), "last dimension"),
+    (lambda p: (p[0], p[1], p[2], p[3][:, :-1], p[4], p[5], p[6], 1), "w_h must have shape"),
+    (lambda p: (p[0], p[1], p[2], p[3], p[4], p[5][:, :-1], p[6], 1), "w_out must have shape"),
+    (lambda p: (p[0], p[1], p[2][:-1], p[3], p[4], p[5], p[6], 1), "b_in must have shape"),
+    (lambda p: (p[0], p[1], p[2], p[3], p[4], p[5], p[6].double(), 1), "b_out must have the same dtype"),
+])
+@pytest.mark.parametrize("fake", [False, True], ids=["cpu", "meta"])
+def test_bad_arguments_raise(case, match, fake):
+    params = make((3,), 4, 5, 2, torch.float32, "meta" if fake else "cpu")
+    with pytest.raises(RuntimeError, match=match):
+        OPS.dynamic_net(*case(params))
+
+
+def test_bad_backward_arguments_raise():
+    params = make((3,), 4, 5, 2, torch.float32, "cpu")
+    out, acts = OPS.dynamic_net(*params, 2)
+    with pytest.raises(RuntimeError, match="acts must have shape"):
+        OPS.dynamic_net_backward(out, params[0], params[1], params[3], params[5], acts[:-1], 2, [True] * 7)
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        OPS.dynamic_net_backward(out[:, :1], params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
