@@ -21,8 +21,9 @@ SEED_SHAPE = {"N": 64, "D_in": 1000, "H": 100, "D_out": 10}
 def build_model(impl, D_in, H, D_out, device):
     from . import models, reference
 
-    cls = models.DynamicNet if impl == "fused" else reference.DynamicNet
-    return cls(D_in, H, D_out, device=device)
+    if impl == "stock":
+        return reference.DynamicNet(D_in, H, D_out, device=device)
+    return models.DynamicNet(D_in, H, D_out, device=device, fusion="network" if impl == "fused" else "layer")
 
 
 def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=1000, H=100, D_out=10,
@@ -163,8 +164,9 @@ def make_parser():
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seeds torch and Python's random (data, weights, depths)")
-    p.add_argument("--impl", choices=["fused", "stock"], default="fused",
-                   help="fused: dynnet_ext layers; stock: nn.Linear + nn.ReLU as in the seed")
+    p.add_argument("--impl", choices=["fused", "fused-layer", "stock"], default="fused",
+                   help="fused: dynnet_ext.DynamicNet (the whole network in one fused op); fused-layer: "
+                        "one fused op per layer; stock: nn.Linear + nn.ReLU as in the seed")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ddp", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA)")

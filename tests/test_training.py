@@ -8,8 +8,9 @@ import pytest
 from dynnet_ext import cli
 
 
-def test_seed_training_same_losses_fused_and_stock():
-    fused, _, depths_f = cli.train(epochs=100, impl="fused", seed=0)
+@pytest.mark.parametrize("impl", ["fused", "fused-layer"])
+def test_seed_training_same_losses_fused_and_stock(impl):
+    fused, _, depths_f = cli.train(epochs=100, impl=impl, seed=0)
     stock, _, depths_s = cli.train(epochs=100, impl="stock", seed=0)
     assert depths_f == depths_s and len(set(depths_f)) == 4
     assert len(fused) == 100
