@@ -32,8 +32,6 @@ namespace {
 
 constexpr int64_t kGrainElements = 32768;  // elements per parallel task: below this, threads cost more than they save
 
-constexpr double kSideBySideFlops = 3.2e7;  // per backward GEMM: above this the BLAS's own threads win
-
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
 
 template <typename scalar_t, bool kRelu, bool kBias>
@@ -150,12 +148,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor gx2 = need_gx ? gx.view({M, K}) : gx;
   const auto grad_input = [&] { at::cpu::mm_out(gx2, g, weight); };
   const auto grad_weight = [&] { at::cpu::mm_out(gw, g.t(), as_2d(x, M, K)); };
-  if (need_gx && need_gw && at::get_num_threads() > 1 && 2.0 * M * N * K < kSideBySideFlops) {
+  if (need_gx && need_gw && at::get_num_threads() > 1 && 2.0 * M * N * K <= kBlasThreadsFlops) {
     // The two GEMMs have the same FLOP count (2 M N K) and are independent: at small sizes run
     // them side by side, one per thread (the BLAS runs single-threaded inside a parallel region),
     // instead of one after the other each split over the threads, which scales poorly there.
-    // Large ones scale well on the BLAS's threads (measured at 64 x 1024 -> 1024: side by side
-    // took 2.7 ms against stock's 1.9 ms; at the seed's 64 x 1000 -> 100 it is 1.3x faster).
+    // Large ones scale well on the BLAS's threads (kBlasThreadsFlops).
     parallel_tasks(2, [&](int64_t t) { t == 0 ? grad_input() : grad_weight(); });
   } else {
     if (need_gx) grad_input();
