@@ -177,52 +177,60 @@ __device__ void backward_layer(const acc_t* in_s, int ld_in, int rows, int64_t K
   __syncthreads();
 }
 
-// Shared memory of the one-launch kernels, in acc_t elements: two activation buffers of kRows x
-// width (ping-pong between layers), the forward's weight slice and x slice.
+// Shared memory of the one-launch kernels, in acc_t elements (see BlockState).
 int64_t net_smem_elems(int64_t width) { return 2 * kRows * width + kSlice * (width | 1) + kRows * kSlice; }
 
-// Rows [row0, row0 + rows) of this block.
-__device__ __forceinline__ int block_rows(int64_t M, int64_t& row0) {
-  row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  return static_cast<int>(M - row0 < kRows ? M - row0 : kRows);
+// What a block of the one-launch kernels works on: its batch rows [row0, row0 + rows), and the
+// shared memory carved into two activation buffers (kRows x width, ping-pong between layers),
+// the forward's weight slice sW and x slice sX.
+template <typename acc_t>
+struct BlockState {
+  int64_t row0;
+  int rows, width;
+  acc_t *cur, *nxt, *sW, *sX;
+};
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ BlockState<acc_t> block_state(const NetArgs<scalar_t>& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BlockState<acc_t> b;
+  b.row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  b.rows = static_cast<int>(p.M - b.row0 < kRows ? p.M - b.row0 : kRows);
+  b.width = static_cast<int>(p.H > p.D_out ? p.H : p.D_out);
+  b.cur = reinterpret_cast<acc_t*>(smem_raw);
+  b.nxt = b.cur + kRows * b.width;
+  b.sW = b.nxt + kRows * b.width;
+  b.sX = b.sW + kSlice * (b.width | 1);
+  return b;
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kNetThreads) net_forward_kernel(const NetArgs<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int width = static_cast<int>(p.H > p.D_out ? p.H : p.D_out);
-  int64_t row0;
-  const int rows = block_rows(p.M, row0);
-  acc_t* cur = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* nxt = cur + kRows * width;
-  acc_t* sW = nxt + kRows * width;
-  acc_t* sX = sW + kSlice * (width | 1);
-  const int64_t M = p.M, H = p.H;
+  BlockState<acc_t> b = block_state<acc_t>(p);
+  const int64_t M = p.M, H = p.H, row0 = b.row0;
+  const int rows = b.rows, width = b.width;
 
-  forward_layer<scalar_t, true, true, acc_t>(nullptr, 0, p.x + row0 * p.D_in, rows, p.D_in, p.w_in, p.b_in, H, sW, sX,
-                                             cur, width, p.acts + row0 * H);
+  forward_layer<scalar_t, true, true, acc_t>(nullptr, 0, p.x + row0 * p.D_in, rows, p.D_in, p.w_in, p.b_in, H, b.sW,
+                                             b.sX, b.cur, width, p.acts + row0 * H);
   for (int64_t k = 1; k <= p.depth; ++k) {
-    forward_layer<scalar_t, false, true, acc_t>(cur, width, nullptr, rows, H, p.w_h, p.b_h, H, sW, sX, nxt, width,
-                                                p.acts + (k * M + row0) * H);
-    acc_t* t = cur;
-    cur = nxt;
-    nxt = t;
+    forward_layer<scalar_t, false, true, acc_t>(b.cur, width, nullptr, rows, H, p.w_h, p.b_h, H, b.sW, b.sX, b.nxt,
+                                                width, p.acts + (k * M + row0) * H);
+    acc_t* t = b.cur;
+    b.cur = b.nxt;
+    b.nxt = t;
   }
-  forward_layer<scalar_t, false, false, acc_t>(cur, width, nullptr, rows, H, p.w_out, p.b_out, p.D_out, sW, sX, nullptr,
-                                               0, p.out + row0 * p.D_out);
+  forward_layer<scalar_t, false, false, acc_t>(b.cur, width, nullptr, rows, H, p.w_out, p.b_out, p.D_out, b.sW, b.sX,
+                                               nullptr, 0, p.out + row0 * p.D_out);
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kNetThreads) net_backward_kernel(const NetArgs<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int width = static_cast<int>(p.H > p.D_out ? p.H : p.D_out);
-  int64_t row0;
-  const int rows = block_rows(p.M, row0);
-  acc_t* cur = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* nxt = cur + kRows * width;
-  const int64_t M = p.M, H = p.H, d = p.depth;
+  const BlockState<acc_t> b = block_state<acc_t>(p);
+  const int64_t M = p.M, H = p.H, d = p.depth, row0 = b.row0;
+  const int rows = b.rows, width = b.width;
+  acc_t *cur = b.cur, *nxt = b.nxt;
 
   for (int e = threadIdx.x; e < kRows * p.D_out; e += kNetThreads) {
     const int r = e / static_cast<int>(p.D_out);
