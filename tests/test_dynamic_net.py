@@ -134,3 +134,14 @@ def test_network_fusion_under_autocast_and_no_grad(depth):
         out = fused(x, depth)
     assert out.grad_fn is None
     torch.testing.assert_close(out, stock(x, depth), **tol(torch.float32))
+
+
+def test_torch_compile_one_model_every_depth():
+    # One compiled model called at changing depths: dynamo recompiles (and may make the depth a
+    # symbolic int after the first change); every call still matches stock.
+    torch._dynamo.reset()
+    fused, stock = pair()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 12)
+    for depth in (0, 1, 2, 3, 1):
+        torch.testing.assert_close(compiled(x, depth), stock(x, depth), **tol(torch.float32))

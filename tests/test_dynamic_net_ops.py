@@ -163,3 +163,21 @@ def test_bad_backward_arguments_raise():
         OPS.dynamic_net_backward(out, params[0], params[1], params[3], params[5], acts[:-1], 2, [True] * 7)
     with pytest.raises(RuntimeError, match="grad_out must have shape"):
         OPS.dynamic_net_backward(out[:, :1], params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_inputs(device):
+    # Transposed weights and input, a strided bias: the same results as contiguous copies.
+    params = make((6,), 9, 5, 3, torch.float64, device)
+    strided = [params[0].t().contiguous().t()] + [
+        p.t().contiguous().t() if p.dim() == 2 else torch.stack([p, p], 1)[:, 0] for p in params[1:]]
+    assert not any(p.is_contiguous() for p in strided if p.dim() == 2 and min(p.shape) > 1)
+    out, acts = OPS.dynamic_net(*args_at(strided, 2))
+    ref_out, ref_acts = OPS.dynamic_net(*args_at(params, 2))
+    torch.testing.assert_close(out, ref_out, **tol(torch.float64))
+    torch.testing.assert_close(acts, ref_acts, **tol(torch.float64))
+    g = torch.randn_like(out).t().contiguous().t()
+    got = OPS.dynamic_net_backward(g, strided[0], strided[1], strided[3], strided[5], acts, 2, [True] * 7)
+    want = OPS.dynamic_net_backward(g.contiguous(), params[0], params[1], params[3], params[5], ref_acts, 2, [True] * 7)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, **tol(torch.float64), msg=lambda m: f"{name}: {m}")
