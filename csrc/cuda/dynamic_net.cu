@@ -350,7 +350,14 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const at::Tensor x2 = x.reshape({M, D_in}).contiguous();
   const at::Tensor a = acts.contiguous();
   const auto h = [&](int64_t k) { return a.narrow(0, k * M, M); };
-  const auto keep = [&](Grad i, const at::Tensor& t) { return need[i] ? t : empty(); };
+  // The op's outputs, each gradient not asked for as an empty (0,) tensor.
+  const auto outputs = [&](const at::Tensor& gx, const at::Tensor& gw_in, const at::Tensor& gb_in,
+                           const at::Tensor& gw_h, const at::Tensor& gb_h, const at::Tensor& gw_out,
+                           const at::Tensor& gb_out) {
+    const auto keep = [&](Grad i, const at::Tensor& t) { return need[i] ? t : empty(); };
+    return std::make_tuple(keep(kX, gx), keep(kWIn, gw_in), keep(kBIn, gb_in), keep(kWH, gw_h), keep(kBH, gb_h),
+                           keep(kWOut, gw_out), keep(kBOut, gb_out));
+  };
 
   if (!one_launch_path(M, D_in, H, D_out)) {  // per-layer fused ops, the shared layer's sums in order
     auto [gh, gw_out, gb_out] =
@@ -363,13 +370,7 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
       gh = g;
     }
     auto [gx, gw_in, gb_in] = call_linear_relu_backward(gh, x2, w_in, h(0), "relu", {need[kX], need[kWIn], need[kBIn]});
-    return {need[kX] ? gx.reshape(x.sizes()) : empty(),
-            keep(kWIn, gw_in),
-            keep(kBIn, gb_in),
-            keep(kWH, gw_h),
-            keep(kBH, gb_h),
-            keep(kWOut, gw_out),
-            keep(kBOut, gb_out)};
+    return outputs(need[kX] ? gx.reshape(x.sizes()) : gx, gw_in, gb_in, gw_h, gb_h, gw_out, gb_out);
   }
 
   // Every gradient is computed in the two launches (the weight gradients share one grouped
@@ -425,13 +426,7 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
     grad_weights_kernel<scalar_t><<<grid_for(group.first[3], "dynamic_net_backward"), kThreads, 0, stream>>>(group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {gx,
-          keep(kWIn, gw_in),
-          keep(kBIn, gb_in),
-          keep(kWH, gw_h),
-          keep(kBH, gb_h),
-          keep(kWOut, gw_out),
-          keep(kBOut, gb_out)};
+  return outputs(gx, gw_in, gb_in, gw_h, gb_h, gw_out, gb_out);
 }
 
 }  // namespace
