@@ -30,9 +30,7 @@
 //     whole rows of every weight gradient and whole bias-gradient columns, so nothing is summed
 //     across threads: no reduction step, and the bias sums (double accumulators, rows in order)
 //     are the same bits for any thread count.
-// Work below kMinTaskFlops is not split (waking a thread costs more than it saves), and a region
-// whose largest GEMM exceeds kBlasThreadsFlops runs on the calling thread, where the BLAS threads
-// each GEMM itself: large GEMMs scale well that way (see linear_relu.cpp).
+// Work below kMinTaskFlops is not split (waking a thread costs more than it saves).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -45,10 +43,8 @@ namespace {
 
 constexpr double kMinTaskFlops = 4e5;  // ~5 us of one core's GEMM throughput
 
-// Number of tasks for `flops` of evenly divisible work whose largest GEMM is `gemm_flops`: one
-// per thread, fewer when small, one (the BLAS's threads) when the GEMMs are large.
-int64_t num_tasks(double flops, double gemm_flops) {
-  if (gemm_flops > kBlasThreadsFlops) return 1;
+// Number of tasks for `flops` of evenly divisible work: one per thread, fewer when small.
+int64_t num_tasks(double flops) {
   const auto by_work = static_cast<int64_t>(flops / kMinTaskFlops);
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
 }
@@ -79,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   linear_act_2d(h0, as_2d(x, M, D_in), w_in, b_in, Activation::Relu);
   const at::Tensor out2 = out.view({M, D_out});
   const double flops = 2.0 * M * (depth * H * H + H * D_out);
-  const int64_t tasks = std::min(num_tasks(flops, 2.0 * M * H * std::max(H, D_out)), M);
+  const int64_t tasks = std::min(num_tasks(flops), M);
   parallel_tasks(tasks, [&](int64_t t) {
     const auto [r0, r1] = share(M, t, tasks);
     at::Tensor h = rows_of(acts, r0, r1);
@@ -134,8 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // 1. The chain grad_out -> G_d -> ... -> G_0 (-> grad_x), split by rows.
     if (need_g) {
       const double flops = 2.0 * M * (D_out * H + depth * H * H + (need[kX] ? H * D_in : 0));
-      const double gemm = 2.0 * M * H * std::max({D_out, depth > 0 ? H : 0, need[kX] ? D_in : 0});
-      const int64_t tasks = std::min(num_tasks(flops, gemm), M);
+      const int64_t tasks = std::min(num_tasks(flops), M);
       parallel_tasks(tasks, [&](int64_t t) {
         const auto [r0, r1] = share(M, t, tasks);
         const int64_t n = r1 - r0;
@@ -162,8 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!(any_in || any_h || any_out)) return;
     const double flops =
         2.0 * M * ((need[kWIn] ? H * D_in : 0) + (any_h ? depth * H * H : 0) + (any_out ? D_out * H : 0));
-    const double gemm = 2.0 * M * H * std::max({need[kWIn] ? D_in : 0, any_h ? depth * H : 0, any_out ? D_out : 0});
-    const int64_t tasks = std::min(num_tasks(flops, gemm), std::max<int64_t>(H, 1));
+    const int64_t tasks = std::min(num_tasks(flops), std::max<int64_t>(H, 1));
     const at::Tensor h_last = rows_of(acts, depth * M, (depth + 1) * M);
     parallel_tasks(tasks, [&](int64_t t) {
       const auto [u0, u1] = share(H, t, tasks);

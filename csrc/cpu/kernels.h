@@ -20,11 +20,6 @@
 
 namespace dynnet {
 
-// A GEMM above this many FLOPs runs faster on the BLAS's own threads than on one thread beside
-// another GEMM (measured on 2 cores: at 64 x 1024 -> 1024 side by side was 1.4x slower, at the
-// seed's 64 x 1000 -> 100 it was 1.3x faster).
-constexpr double kBlasThreadsFlops = 3.2e7;
-
 // y2 = act(x2 @ weight.T + bias) for 2-d x2 (M, K), y2 (M, N) with contiguous rows, any M
 // (a caller may pass a slice of rows). Defined in linear_relu.cpp.
 void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weight,

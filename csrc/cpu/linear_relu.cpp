@@ -14,8 +14,8 @@
 //   one pass over the rows writes g and reduces grad_bias (accumulated in acc_type: double for
 //   float, float for half types; columns split across threads, so the sum order is fixed and
 //   results are deterministic), then grad_x = g @ weight and grad_weight = g.T @ x as two
-//   GEMMs, at small sizes run side by side one thread each when both are wanted. Gradients not
-//   asked for are neither computed nor allocated.
+//   GEMMs, run side by side one thread each when both are wanted. Gradients not asked for are
+//   neither computed nor allocated.
 //
 // NaN behaves as in stock PyTorch (see kernels.h).
 
@@ -148,11 +148,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor gx2 = need_gx ? gx.view({M, K}) : gx;
   const auto grad_input = [&] { at::cpu::mm_out(gx2, g, weight); };
   const auto grad_weight = [&] { at::cpu::mm_out(gw, g.t(), as_2d(x, M, K)); };
-  if (need_gx && need_gw && at::get_num_threads() > 1 && 2.0 * M * N * K <= kBlasThreadsFlops) {
-    // The two GEMMs have the same FLOP count (2 M N K) and are independent: at small sizes run
-    // them side by side, one per thread (the BLAS runs single-threaded inside a parallel region),
-    // instead of one after the other each split over the threads, which scales poorly there.
-    // Large ones scale well on the BLAS's threads (kBlasThreadsFlops).
+  if (need_gx && need_gw && at::get_num_threads() > 1) {
+    // The two GEMMs have the same FLOP count (2 M N K) and are independent: run them side by
+    // side, one per thread (the BLAS runs single-threaded inside a parallel region), instead of
+    // one after the other each split over the threads (measured on 2 cores: 1.35x faster at
+    // 64 x 1000 -> 100, 1.09x at 64 x 1024 -> 1024, 1.04x at 1024 x 1000 -> 100).
     parallel_tasks(2, [&](int64_t t) { t == 0 ? grad_input() : grad_weight(); });
   } else {
     if (need_gx) grad_input();
