@@ -24,8 +24,28 @@
 
 #include <torch/extension.h>
 
+#include <array>
+#include <atomic>
+
 #include "common.h"
 #include "dispatch.h"
+
+namespace dynnet {
+namespace {
+
+constexpr size_t kNumOps = static_cast<size_t>(KernelOp::kCount);
+constexpr std::array<const char*, kNumOps> kOpNames = {"linear_relu", "linear_relu_backward", "dynamic_net",
+                                                       "dynamic_net_backward"};
+// [0]: CPU kernels, [1]: CUDA kernels.
+std::array<std::array<std::atomic<int64_t>, kNumOps>, 2> kernel_call_counts{};
+
+}  // namespace
+
+void count_kernel_call(KernelOp op, c10::DeviceType device) {
+  kernel_call_counts[device == c10::DeviceType::CUDA][static_cast<size_t>(op)].fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace dynnet
 
 TORCH_LIBRARY(dynnet, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
@@ -59,6 +79,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("dynamic_net", &dynnet::call_dynamic_net, pybind11::arg("x"), pybind11::arg("w_in"),
              pybind11::arg("b_in"), pybind11::arg("w_h"), pybind11::arg("b_h"), pybind11::arg("w_out"),
              pybind11::arg("b_out"), pybind11::arg("depth"));
+  module.def("kernel_calls", []() {
+    pybind11::dict calls;
+    for (const auto& [device, row] : {std::pair{"cpu", 0}, std::pair{"cuda", 1}}) {
+      pybind11::dict per_op;
+      for (size_t op = 0; op < dynnet::kNumOps; ++op)
+        per_op[dynnet::kOpNames[op]] = dynnet::kernel_call_counts[row][op].load(std::memory_order_relaxed);
+      calls[device] = per_op;
+    }
+    return calls;
+  });
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;

@@ -9,8 +9,8 @@ dynamic-depth DynamicNet built on them.
 
 from . import functional, nn, reference
 from .models import DynamicNet
-from .ops import BUILD_INFO, LinearReLUFunction, has_kernels
+from .ops import BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicNet", "LinearReLUFunction", "functional", "nn", "reference", "has_kernels", "BUILD_INFO"]
+__all__ = ["DynamicNet", "LinearReLUFunction", "functional", "nn", "reference", "has_kernels", "kernel_calls", "BUILD_INFO"]

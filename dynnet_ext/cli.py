@@ -114,8 +114,12 @@ def _cmd_train(args):
     say(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "
         f"N={args.N} D_in={args.D_in} H={args.H} D_out={args.D_out} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads{ddp})")
+    from .ops import kernel_calls
+
+    before = kernel_calls()
     losses, times, depths = train(args.epochs, args.device, args.seed, args.impl, args.lr,
                                   args.N, args.D_in, args.H, args.D_out, log=log, ddp=args.ddp)
+    after = kernel_calls()
     if args.ddp:
         torch.distributed.barrier()  # no rank tears its connections down while a peer still talks
         torch.distributed.destroy_process_group()
@@ -124,6 +128,9 @@ def _cmd_train(args):
         f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; depths 0/1/2/3 drawn "
         + "/".join(str(depths.count(d)) for d in range(4)) + " times")
+    ran = [f"{device}.{op} x{after[device][op] - before[device][op]}"
+           for device in after for op in after[device] if after[device][op] > before[device][op]]
+    say("dynnet kernels run: " + (", ".join(ran) if ran else "none (stock PyTorch computed everything)"))
     return 0
 
 

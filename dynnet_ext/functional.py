@@ -5,13 +5,14 @@ op is called through _C.linear_relu, the same dispatcher call minus torch.ops' P
 argument handling; torch.compile and tensors with __torch_function__ get torch.ops.
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
-float32/64, float16, bfloat16) go through stock PyTorch instead, with the same results."""
+float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through
+stock PyTorch instead, with the same results."""
 
 import torch
 from torch.overrides import has_torch_function
 
 from . import reference
-from .ops import SUPPORTED_DTYPES, _C, has_kernels
+from .ops import FORCE_STOCK, SUPPORTED_DTYPES, _C, has_kernels
 
 
 def _autocast_dtype(device_type):
@@ -29,7 +30,7 @@ def _autocast(x, *tensors):
 
 
 def _eligible(x):
-    return has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
+    return not FORCE_STOCK and has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
 
 
 def _linear(x, weight, bias, activation):

@@ -3,6 +3,7 @@ wraps them. Loading `_C` is the only thing in dynnet_ext allowed to fail softly:
 the package still imports, warns once, and `functional` computes with stock PyTorch."""
 
 import math
+import os
 import warnings
 
 import torch
@@ -32,6 +33,24 @@ if _C is not None and BUILD_INFO.get("torch_version") != torch.__version__:
     )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# DYNNET_EXT_FORCE_STOCK=1: every functional form (and so every module and DynamicNet) computes
+# with stock PyTorch instead of the fused ops - to compare against stock without changing code,
+# and in CI to prove that the tests of the fused path fail when the kernels do not run.
+FORCE_STOCK = os.environ.get("DYNNET_EXT_FORCE_STOCK", "0").strip() not in ("", "0")
+
+_OPS = ("linear_relu", "linear_relu_backward", "dynamic_net", "dynamic_net_backward")
+
+
+def kernel_calls():
+    """How many times each op's compiled kernel has run in this process, per device type:
+    {"cpu": {"linear_relu": n, "linear_relu_backward": n, "dynamic_net": n,
+    "dynamic_net_backward": n}, "cuda": {...}}. Counted inside the kernels, so whatever the path
+    (eager, autograd, torch.compile, autocast), a count that grew means dynnet's kernel computed
+    the result; one that did not means stock PyTorch (or nothing) did."""
+    if _C is None:
+        return {device: dict.fromkeys(_OPS, 0) for device in ("cpu", "cuda")}
+    return _C.kernel_calls()
 
 
 def has_kernels(device_type):

@@ -291,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& b_out, int64_t depth) {
   check_dynamic_net_args(x, w_in, b_in, w_h, b_h, w_out, b_out, depth);
   TORCH_CHECK(x.is_cuda(), "dynnet: dynamic_net's CUDA kernel got x on ", x.device());
+  count_kernel_call(KernelOp::DynamicNet, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);
@@ -341,6 +342,7 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
                           int64_t depth, std::array<bool, kNumGrads> need) {
   check_dynamic_net_backward_args(grad_out, x, w_in, w_h, w_out, acts, depth);
   TORCH_CHECK(x.is_cuda(), "dynnet: dynamic_net_backward's CUDA kernel got x on ", x.device());
+  count_kernel_call(KernelOp::DynamicNetBackward, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);

@@ -119,6 +119,7 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
   TORCH_CHECK(x.is_cuda(), "dynnet: linear_relu's CUDA kernel got x on ", x.device());
+  count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
 
   const int64_t K = weight.size(1), N = weight.size(0);
@@ -152,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
               "dynnet: linear_relu_backward needs the forward output y when activation='relu'");
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
   TORCH_CHECK(x.is_cuda(), "dynnet: linear_relu_backward's CUDA kernel got x on ", x.device());
+  count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
 
   const int64_t K = weight.size(1), N = weight.size(0);
