@@ -12,7 +12,7 @@ import torch
 from torch.overrides import has_torch_function
 
 from . import reference
-from .ops import FORCE_STOCK, SUPPORTED_DTYPES, _C, has_kernels
+from .ops import FORCE_STOCK, SUPPORTED_DTYPES, DynamicNetFunction, LinearReLUJvpFunction, _C, has_kernels, transforms_active
 
 
 def _autocast_dtype(device_type):
@@ -40,6 +40,8 @@ def _linear(x, weight, bias, activation):
     if _eligible(x):
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
+        if transforms_active():
+            return LinearReLUJvpFunction.apply(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
     return reference.linear_act(x, weight, bias, activation)
 
@@ -72,5 +74,7 @@ def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
         args = (x, w_in, b_in, w_h, b_h, w_out, b_out)
         if torch.compiler.is_compiling() or has_torch_function(args):
             return torch.ops.dynnet.dynamic_net(*args, depth)[0]
+        if transforms_active():
+            return DynamicNetFunction.apply(*args, depth)[0]
         return _C.dynamic_net(*args, depth)[0]
     return reference.dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)
