@@ -2,7 +2,10 @@
 (its autograd formula registered in C++, csrc/autograd.cpp: the same formula as the Python
 LinearReLUFunction without the Python per-call cost) -> CPU or CUDA kernel. In eager mode the
 op is called through _C.linear_relu, the same dispatcher call minus torch.ops' Python-side
-argument handling; torch.compile and tensors with __torch_function__ get torch.ops.
+argument handling; torch.compile and tensors with __torch_function__ get torch.ops. Under a
+torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) or a
+torch.autograd.forward_ad dual level, which refuse the C++ autograd node, the same op goes
+through the Python autograd.Functions of dynnet_ext.ops, which carry vmap and jvp rules.
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
 float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through

@@ -1,5 +1,5 @@
-"""The compiled ops (torch.ops.dynnet.*), their fake kernels, and the autograd.Function that
-wraps them. Loading `_C` is the only thing in dynnet_ext allowed to fail softly: without it
+"""The compiled ops (torch.ops.dynnet.*), their fake kernels, and the autograd.Functions that
+wrap them (the path under torch.func transforms and forward-mode AD). Loading `_C` is the only thing in dynnet_ext allowed to fail softly: without it
 the package still imports, warns once, and `functional` computes with stock PyTorch."""
 
 import math
@@ -7,6 +7,8 @@ import os
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _fwad
+import torch.nn.functional as F
 
 try:
     from . import _C
@@ -187,9 +189,6 @@ if _C is not None:
 # computes the gradients under every transform, and double backward, hessian and the rest stay
 # exact.
 
-import torch.autograd.forward_ad as _fwad  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_gradtracking = torch._C._functorch.is_gradtrackingtensor
@@ -307,7 +306,7 @@ class LinearReLUFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         y = output if activation == "relu" else None
         ctx.save_for_backward(x, weight, y)
-        ctx.save_for_forward(x, weight, y)
+        ctx.save_for_forward(x, weight, y)  # for LinearReLUJvpFunction.jvp
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -409,8 +408,6 @@ class LinearReLUBackwardFunction(torch.autograd.Function):
                 gb = g.sum(1)
         outs = (gx, gw, gb)
         return outs, tuple(None if o is None else 0 for o in outs)
-
-
 
 
 def _stock_net_grads(grad_out, x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
@@ -633,5 +630,6 @@ class DynamicNetBackwardFunction(torch.autograd.Function):
         batched = torch.vmap(per_sample, in_dims=(go_dim, x_dim, a_dim))(grad_out, x, acts)
         result, dims = [None] * 7, [None] * 7
         for j, g in zip(wanted, batched):
-            result[j], dims[j] = g, 0
+            # grad_b_out can be grad_out itself; functorch rejects an input returned as an output.
+            result[j], dims[j] = (g.clone() if g is grad_out else g), 0
         return tuple(result), tuple(dims)
