@@ -456,13 +456,17 @@ def _net_grads_per_sample(grad_out, x, w_in, w_h, w_out, acts, depth, mask):
     if mask[6]:
         add(6, g.sum(1))
     g = g @ w_out
+    hidden = []  # the hidden layer's gradient at each of its uses: one product over all of them
     for k in range(depth, 0, -1):
         g = _relu_mask(g, acts[k])
-        if mask[3]:
-            add(3, _weight_grad(g, acts[k - 1]))
-        if mask[4]:
-            add(4, g.sum(1))
+        hidden.append(g)
         g = g @ w_h
+    if hidden and (mask[3] or mask[4]):
+        gs = torch.cat(hidden, 1)  # (n, depth * rows, H): uses k = depth..1
+        if mask[3]:
+            add(3, _weight_grad(gs, torch.cat([acts[k - 1] for k in range(depth, 0, -1)], 1)))
+        if mask[4]:
+            add(4, gs.sum(1))
     g = _relu_mask(g, acts[0])
     if mask[1]:
         add(1, _weight_grad(g, x))

@@ -446,3 +446,16 @@ def test_module_state_untouched_by_functional_call(device):
     assert torch.equal(out, torch.zeros_like(out))
     assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
     assert dynnet_ext.DynamicNet is DynamicNet
+
+
+def test_torch_compile_over_transforms_runs_them_eagerly(ran):
+    # torch.compile(fullgraph=True) of vmap(grad(...)) over fused layers is not supported (README):
+    # without fullgraph Dynamo falls back to running the transforms eagerly, with their results.
+    torch._dynamo.reset()
+    case = make_case("network-2", "cpu", torch.float32)
+    x, target = data(case, "cpu", n=4, dtype=torch.float32)
+    params = case.params(case.fused)
+    per_sample = vmap(grad(loss_fn(case, case.fused)), in_dims=(None, 0, 0))
+    with ran("dynamic_net"):
+        got = torch.compile(per_sample, backend="aot_eager")(params, x, target)
+    close(got, per_sample(params, x, target), tol(torch.float32))

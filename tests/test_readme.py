@@ -3,6 +3,8 @@
 import os
 import re
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,6 +18,21 @@ def test_python_example_runs():
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["out"].shape == (64, 10)
+
+
+def test_fuse_example_runs(capsys):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme(), re.S) if "dynnet_ext.fuse(" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    from dynnet_ext.nn import FusedLinearReLU
+
+    fused, model, report = namespace["fused"], namespace["model"], namespace["report"]
+    assert [type(m) for m in fused][:4] == [FusedLinearReLU, torch.nn.Identity, FusedLinearReLU, torch.nn.Identity]
+    assert len(report.fused) == 2 and report.skipped == []
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert f"# {printed}" in blocks[0]  # the comment shows what print(report) prints
 
 
 def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
