@@ -89,6 +89,13 @@ def data(case, device, n=5, dtype=torch.float64):
     return torch.randn(n, D_IN, device=device, dtype=dtype), torch.randn(n, case.out_features(), device=device, dtype=dtype)
 
 
+def same_as_stock(case, fn, ran, ops, device):
+    """fn(model) on the fused model, whose kernels `ops` must run, equals fn on the stock one."""
+    with ran(*ops, device=device):
+        got = fn(case.fused)
+    close(got, fn(case.stock))
+
+
 def calls_of(op, device):
     return kernel_calls()[torch.device(device).type][op]
 
@@ -137,9 +144,7 @@ def test_gradient_of_gradient_matches_stock(case_name, device, ran):
         inner = grad(loss_fn(case, model), argnums=1)
         return grad(lambda p, x: inner(p, x, target).pow(2).sum(), argnums=(0, 1))(params, x)
 
-    with ran(case.fwd, case.bwd, device=device):
-        got = penalty(case.fused)
-    close(got, penalty(case.stock))
+    same_as_stock(case, penalty, ran, (case.fwd, case.bwd), device)
 
 
 # ----------------------------------------------------------------------------- forward mode
@@ -154,9 +159,7 @@ def test_jvp_and_jacfwd_match_stock(case_name, device, ran):
         f = lambda p, x: functional_call(model, p, case.args(x))  # noqa: E731
         return jvp(f, (params, x), tangents), jacfwd(f, argnums=(0, 1))(params, x)
 
-    with ran(case.fwd, device=device):
-        got = fwd(case.fused)
-    close(got, fwd(case.stock))
+    same_as_stock(case, fwd, ran, (case.fwd,), device)
 
 
 def test_forward_ad_matches_stock(case_name, device, ran):
@@ -166,12 +169,11 @@ def test_forward_ad_matches_stock(case_name, device, ran):
     case = make_case(case_name, device)
     x, _ = data(case, device, n=4)
     dx = torch.randn_like(x)
-    results = []
-    for model, check in ((case.fused, ran(case.fwd, device=device)), (case.stock, None)):
-        with fwAD.dual_level(), (check if check is not None else torch.no_grad()):
-            out = model(*case.args(fwAD.make_dual(x, dx)))
-            results.append(fwAD.unpack_dual(out))
-    close((results[0].primal, results[0].tangent), (results[1].primal, results[1].tangent))
+    with fwAD.dual_level():
+        with ran(case.fwd, device=device):
+            got = fwAD.unpack_dual(case.fused(*case.args(fwAD.make_dual(x, dx))))
+        want = fwAD.unpack_dual(case.stock(*case.args(fwAD.make_dual(x, dx))))
+    close((got.primal, got.tangent), (want.primal, want.tangent))
 
 
 def test_hessian_matches_stock(case_name, device, ran):
@@ -184,9 +186,7 @@ def test_hessian_matches_stock(case_name, device, ran):
         first = {n: p for n, p in params.items() if n.endswith("weight")}
         return hessian(lambda w, x: loss({**params, **w}, x, target), argnums=(0, 1))(first, x)
 
-    with ran(case.fwd, device=device):
-        got = hess(case.fused)
-    close(got, hess(case.stock))
+    same_as_stock(case, hess, ran, (case.fwd,), device)
 
 
 def test_jacrev_of_jacfwd_matches_stock(case_name, device, ran):
@@ -200,9 +200,7 @@ def test_jacrev_of_jacfwd_matches_stock(case_name, device, ran):
         f = lambda p, x: functional_call(model, p, case.args(x)).pow(2).sum()  # noqa: E731
         return jacrev(jacfwd(f, argnums=1), argnums=0)(params, x)
 
-    with ran(case.fwd, device=device):
-        got = second(case.fused)
-    close(got, second(case.stock))
+    same_as_stock(case, second, ran, (case.fwd,), device)
 
 
 FUNCTIONAL = {
@@ -380,9 +378,7 @@ def test_grad_of_vmap_matches_stock(case_name, device, ran):
         f = vmap(lambda p, x: functional_call(model, p, case.args(x)), in_dims=(None, 0))
         return grad(lambda p, x: f(p, x).pow(2).sum(), argnums=(0, 1))(params, xs)
 
-    with ran(case.fwd, case.bwd, device=device):
-        got = total(case.fused)
-    close(got, total(case.stock))
+    same_as_stock(case, total, ran, (case.fwd, case.bwd), device)
 
 
 # ----------------------------------------------------------------------------- routing

@@ -141,32 +141,28 @@ def test_fused_model_under_torch_compile(backend, ran):
     assert_same_model(torch.compile(fused, backend=backend), model, x, ran, "eval")
 
 
-class Residual(nn.Module):
+class OneLinear(nn.Module):
+    """One Linear(12, 12) as `fc`; the subclasses below differ in what forward does with it."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(12, 12)
 
+
+class Residual(OneLinear):
     def forward(self, x):
         h = self.fc(x)
         return F.relu(h) + h  # the Linear's output is used twice
 
 
-class InplaceOnShared(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(12, 12)
-
+class InplaceOnShared(OneLinear):
     def forward(self, x):
         h = self.fc(x)
         y = h * 2
         return F.relu_(h) + y  # an in-place ReLU on a tensor another op reads
 
 
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(12, 12)
-
+class DataDependent(OneLinear):
     def forward(self, x):
         h = self.fc(x)
         return F.relu(h) if h.sum() > 0 else h
@@ -187,11 +183,7 @@ class SeedDynamicNet(nn.Module):
         return self.output_layer(h)
 
 
-class TrainingBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(12, 12)
-
+class TrainingBranch(OneLinear):
     def forward(self, x):
         h = self.fc(x)
         if self.training:
@@ -199,20 +191,12 @@ class TrainingBranch(nn.Module):
         return F.relu(h)
 
 
-class OptionalArg(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(12, 12)
-
+class OptionalArg(OneLinear):
     def forward(self, x, scale=None):
         return F.relu(self.fc(x)) * (1 if scale is None else scale)
 
 
-class CalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(12, 12)
-
+class CalledTwice(OneLinear):
     def forward(self, x):
         return F.relu(self.fc(x)) + self.fc(x)
 
