@@ -198,7 +198,9 @@ _level = torch._C._functorch.maybe_get_level
 
 def transforms_active():
     """True under a torch.func transform or inside a torch.autograd.forward_ad dual level: where
-    the C++ autograd node cannot serve and the Functions below must. Costs ~0.2 us."""
+    the C++ autograd node cannot serve and the Functions below must. One C call and one
+    attribute read: ~0.3 us added to an eager call (measured A/B, ~2% of a 16-wide layer's
+    forward, nothing measurable at the seed's shape)."""
     return _fwad._current_level >= 0 or _functorch_active()
 
 

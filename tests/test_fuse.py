@@ -59,12 +59,12 @@ def outputs_and_grads(model, x, mode):
     x = x.detach().clone().requires_grad_()
     torch.manual_seed(7)  # the same dropout masks on both sides
     out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out))
     return [out, x.grad, *(p.grad for p in model.parameters())]
 
 
 def assert_same_model(fused, model, x, ran, mode, fused_ops=KERNELS):
-    with ran(*fused_ops):
+    with ran(*fused_ops, device=x.device):
         got = outputs_and_grads(fused, x, mode)
     want = outputs_and_grads(model, x, mode)
     for g, w in zip(got, want, strict=True):
@@ -76,8 +76,8 @@ def same_parameters(a, b):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_sequential_mlp(mode, ran):
-    model = mlp()
+def test_sequential_mlp(mode, device, ran):
+    model = mlp().to(device)
     before = copy.deepcopy(model)
     fused, report = fuse(model, report=True)
     assert [type(m) for m in fused] == [FusedLinearReLU, nn.Identity, FusedLinearReLU, nn.Identity, nn.Linear]
@@ -85,12 +85,12 @@ def test_sequential_mlp(mode, ran):
     assert same_parameters(fused, model)  # moved, not copied
     assert list(fused.state_dict()) == list(model.state_dict())
     assert [type(m) for m in model] == [type(m) for m in before]  # inplace=False: the original is as it was
-    assert_same_model(fused, model, torch.randn(16, 12), ran, mode)
+    assert_same_model(fused, model, torch.randn(16, 12, device=device), ran, mode)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_every_relu_form_through_torch_fx(mode, ran):
-    model = AllReLUForms()
+def test_every_relu_form_through_torch_fx(mode, device, ran):
+    model = AllReLUForms().to(device)
     fused, report = fuse(model, report=True)
     assert isinstance(fused, torch.fx.GraphModule) and report.traced == [""]
     forms = dict(report.fused)
@@ -102,7 +102,7 @@ def test_every_relu_form_through_torch_fx(mode, ran):
     assert "relu" not in fused.code.replace("act_inplace", "")  # every ReLU after a fused Linear is gone
     assert list(fused.state_dict()) == list(model.state_dict())
     assert same_parameters(fused, model)
-    assert_same_model(fused, model, torch.randn(16, 12), ran, mode)
+    assert_same_model(fused, model, torch.randn(16, 12, device=device), ran, mode)
 
 
 def test_state_dict_loads_both_ways_and_training_matches(ran):
