@@ -99,7 +99,7 @@ def fuse(model, inplace=False, linear=False, report=False):
         # A new module tree on the same Parameter and buffer objects.
         memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
         model = copy.deepcopy(model, memo)
-    ctx = _Context(model, linear)
+    ctx = _Context(model)
     model = ctx.fuse(model, "")
     if linear:
         model = ctx.fuse_remaining_linears(model)
@@ -147,8 +147,7 @@ def _relu_name(node, root):
 
 
 class _Context:
-    def __init__(self, model, linear):
-        self.linear = linear
+    def __init__(self, model):
         self.report = FuseReport()
         self.paths = defaultdict(list)  # id(module) -> every qualified name it has
         for name, m in model.named_modules(remove_duplicate=False):
