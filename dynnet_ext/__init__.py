@@ -7,9 +7,16 @@ dynamic-depth DynamicNet built on them.
     y = dynnet_ext.functional.fused_linear_relu(x, w, b)   # functional form
 """
 
+import sys
+
 from . import functional, nn, reference
 from .models import DynamicNet
 from .ops import BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
+
+if "torch.distributed.tensor" in sys.modules:
+    # DTensor is in use: give the ops their sharding rules now. Otherwise importing
+    # dynnet_ext.parallel does (DTensor takes a while to import; most users never need it).
+    from . import parallel  # noqa: F401
 
 __version__ = "0.1.0"
 

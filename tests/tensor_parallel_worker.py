@@ -91,6 +91,18 @@ def main():
     result["batch_net"] = run(whole, distribute_tensor(x_net, mesh, [Shard(0)]), DEPTH)
     result["replicated_net"] = run(whole, distribute_tensor(x_net, mesh, [Replicate()]), DEPTH)
 
+    # Row-sharded input and weight into the layer op: without an activation it runs on the shards
+    # (a partial sum); with the ReLU it has no rule there, so DTensor gathers - the same placements
+    # one call apart, so a rule remembered for one activation must not answer for the other.
+    first = megatron_mlp(device)[0]
+    x_rows, w_rows = (distribute_tensor(t, mesh, [Shard(1)]) for t in (x_mlp, first.weight.detach()))
+    b = distribute_tensor(first.bias.detach(), mesh, [Replicate()])
+    row = {}
+    for name, fn in (("none", dynnet_ext.functional.fused_linear), ("relu", dynnet_ext.functional.fused_linear_relu)):
+        y = fn(x_rows, w_rows, b)
+        row[name], row[name + "_placements"] = y.full_tensor(), str(y.placements)
+    result["row_sharded"] = row
+
     network = parallelize_module(dynamic_net(device, "network"), mesh, plan)
     try:
         network(x_net, DEPTH)

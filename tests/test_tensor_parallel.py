@@ -117,8 +117,41 @@ def test_dtensors_into_the_ops(tp_run, case, ops, params, ran):
         assert r[case]["y_is_dtensor"] and r[case]["forward_comms"] == {}
 
 
+def test_row_sharded_layer_op_with_and_without_relu(tp_run):
+    """x and weight split by input features: without activation the op runs on the shards and
+    its output is a partial sum; with the ReLU (which must follow the whole sum) DTensor gathers
+    first. Same placements, consecutive calls: each gets its own rule."""
+    device, ranks = tp_run
+    layer = megatron_mlp(device)[0]
+    for activation in ("none", "relu"):
+        want = reference.linear_act(ranks[0]["x_mlp"], layer.weight.detach(), layer.bias.detach(), activation)
+        for r in ranks:
+            torch.testing.assert_close(r["row_sharded"][activation], want, **tol(torch.float32))
+    if len(ranks) > 1:
+        assert ranks[0]["row_sharded"]["none_placements"] == "(Partial(sum),)"
+        assert ranks[0]["row_sharded"]["relu_placements"] != "(Partial(sum),)"
+
+
 def test_what_has_no_tensor_parallel_form_says_so(tp_run):
     _, ranks = tp_run
     for r in ranks:
         assert "fusion='layer'" in r["network_error"], r["network_error"]
         assert "ColwiseParallel" in r["rowwise_relu_error"], r["rowwise_relu_error"]
+
+
+def test_import_registers_the_sharding_rules_when_dtensor_is_loaded():
+    """`import dynnet_ext` after DTensor gives the ops their rules (dynnet_ext.parallel does it
+    always), with every non-tensor argument in DTensor's cache key: a rule chosen for
+    activation='none' (row-parallel, Partial) must not be reused for 'relu'."""
+    code = (
+        "import sys, torch.distributed.tensor as dt, dynnet_ext, torch\n"
+        "assert 'dynnet_ext.parallel' in sys.modules\n"
+        "prop = dt.DTensor._op_dispatcher.sharding_propagator\n"
+        "ops = torch.ops.dynnet\n"
+        "for op, static in ((ops.linear_relu, 3), (ops.linear_relu_backward, 4), (ops.dynamic_net, 7), "
+        "(ops.dynamic_net_backward, 6)):\n"
+        "    assert op.default in prop.op_strategy_funcs, op\n"
+        "    assert prop.op_to_schema_info[op.default].static_argnum == static, op\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
