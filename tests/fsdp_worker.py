@@ -97,14 +97,12 @@ def mechanics(device):
 
 
 def main():
-    import torch.distributed as dist
+    from torchrun import finish
 
     device, out = sys.argv[1], sys.argv[2]
     result = {name: train(device, config) for name, config in CONFIGS.items()}
     result["mechanics"] = mechanics(device)
-    torch.save(result, f"{out}.rank{dist.get_rank()}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(result, out)
 
 
 if __name__ == "__main__":

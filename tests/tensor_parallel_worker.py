@@ -65,6 +65,7 @@ def main():
     from torch.distributed.tensor.parallel import parallelize_module
 
     from dynnet_ext.parallel import ColwiseParallel, RowwiseParallel
+    from torchrun import finish
 
     device_type, out = sys.argv[1], sys.argv[2]
     device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
@@ -112,9 +113,7 @@ def main():
         parallelize_module(FusedLinearReLU(D, D, device=device), mesh, RowwiseParallel())
     except ValueError as exc:
         result["rowwise_relu_error"] = str(exc)
-    torch.save(result, f"{out}.rank{dist.get_rank()}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(result, out)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,6 @@ then the root), root-only wrapping, fusion="layer", and bfloat16 parameters
 post-backward gradient reduce-scatter per layer inside the backward, prefetching) hold for the
 whole-network op. The worker is tests/fsdp_worker.py."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,18 +14,9 @@ from conftest import tol
 from dynnet_ext import cli
 from fsdp_worker import CONFIGS, LAYERS, SEED, SHAPE, STEPS
 from test_training import kernel_counts
+from torchrun import DEVICES, PROCS, run_worker, torchrun
 
 KERNELS = {"fused": ("dynamic_net", "dynamic_net_backward"), "fused-layer": ("linear_relu", "linear_relu_backward")}
-GPUS = torch.cuda.device_count()
-# Two processes need two GPUs (NCCL does not share one between ranks); with one GPU the CUDA run
-# uses one process, which still runs every FSDP hook and collective path on the GPU.
-PROCS = {"cpu": 2, "cuda": min(GPUS, 2)}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not GPUS, reason="no CUDA GPU visible"))]
-
-
-def torchrun(nprocs, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
-                           "--standalone", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def single_process(impl, device):
@@ -48,10 +35,7 @@ def single_process(impl, device):
 def fsdp_run(request, tmp_path_factory):
     """Runs tests/fsdp_worker.py once per device; every test below reads its results."""
     device = request.param
-    out = tmp_path_factory.mktemp("fsdp") / "result.pt"
-    proc = torchrun(PROCS[device], str(Path(__file__).with_name("fsdp_worker.py")), device, str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return device, [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(PROCS[device])]
+    return device, run_worker("fsdp_worker.py", device, tmp_path_factory.mktemp("fsdp") / "result.pt")
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -115,8 +99,8 @@ def test_whole_network_op_keeps_fsdp_mechanics(fsdp_run, ran):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cli_train_fsdp_under_torchrun(device, ran):
-    proc = torchrun(PROCS[device], "-m", "dynnet_ext", "train", "--fsdp", "--device", device, "--epochs", "3",
-                    "--N", "8", "--D_in", "12", "--H", "6", "--D_out", "3")
+    proc = torchrun("-m", "dynnet_ext", "train", "--fsdp", "--device", device, "--epochs", "3",
+                    "--N", "8", "--D_in", "12", "--H", "6", "--D_out", "3", nprocs=PROCS[device])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran.reported(kernel_counts(proc.stdout), "dynamic_net", "dynamic_net_backward", device=device)
     assert f"FSDP2 over {PROCS[device]} processes, layers sharded" in proc.stdout, proc.stdout

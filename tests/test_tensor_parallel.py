@@ -7,7 +7,6 @@ is tests/tensor_parallel_worker.py."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +14,15 @@ import torch
 from conftest import tol
 from dynnet_ext import reference
 from tensor_parallel_worker import DEPTH, HIDDEN, dynamic_net, megatron_mlp
+from torchrun import DEVICES, run_worker
 
-GPUS = torch.cuda.device_count()
-# NCCL needs a GPU per rank: with one GPU the CUDA run has one process (every shard whole).
-PROCS = {"cpu": 2, "cuda": min(GPUS, 2)}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not GPUS, reason="no CUDA GPU visible"))]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def tp_run(request, tmp_path_factory):
     """Runs tests/tensor_parallel_worker.py once per device; every test below reads its results."""
     device = request.param
-    out = tmp_path_factory.mktemp("tp") / "result.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PROCS[device]}",
-                           "--standalone", str(Path(__file__).with_name("tensor_parallel_worker.py")), device, str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return device, [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(PROCS[device])]
+    return device, run_worker("tensor_parallel_worker.py", device, tmp_path_factory.mktemp("tp") / "result.pt")
 
 
 def stock(fn, x, params):
