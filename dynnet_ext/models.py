@@ -48,11 +48,12 @@ class DynamicNet(nn.Module):
         # gradients stay None and DDP's find_unused_parameters sees it unused.
         if not depth:
             hid = None
-        fsdp = sys.modules.get("torch.distributed.fsdp")  # no layer is sharded unless FSDP was imported
-        if fsdp is not None:
-            sharded = [layer for layer in (inp, hid, out) if isinstance(layer, fsdp.FSDPModule)]
-            if sharded:
-                return _fsdp_forward(sharded, _network, x, inp, hid, out, depth)
+        # FSDP2's module class (torch >= 2.6); no layer is sharded unless FSDP was imported.
+        fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+        if fsdp_module is not None and (isinstance(inp, fsdp_module) or isinstance(hid, fsdp_module)
+                                        or isinstance(out, fsdp_module)):
+            sharded = [layer for layer in (inp, hid, out) if isinstance(layer, fsdp_module)]
+            return _fsdp_forward(sharded, _network, x, inp, hid, out, depth)
         return _network(x, inp, hid, out, depth)
 
     def __setstate__(self, state):
@@ -98,7 +99,9 @@ def _network(x, inp, hid, out, depth):
 #     exactly as for a layer called normally. That is what this does - the same two calls that
 #     torch.distributed.fsdp.register_fsdp_forward_method wraps around a method, made here for
 #     several layers around one op (register_fsdp_forward_method can only wrap a method of one
-#     module).
+#     module). FSDPModule._get_fsdp_state and the state's _pre_forward/_post_forward are FSDP's
+#     own, not public API: tests/test_fsdp.py checks the behaviour (gather, reshard, one
+#     reduce-scatter per layer inside the backward, results equal to one process) on every run.
 # The hooks run in the layers' forward order, so FSDP records the order a per-layer forward
 # would (what its backward prefetching follows); the input passes through each pre-hook, which
 # ties each layer's post-backward reduce-scatter to the op's backward, and FSDP's final backward
