@@ -8,6 +8,7 @@ import torch
 
 import dynnet_ext
 from dynnet_ext import cli
+from torchrun import comm_counts, finish, full, kernel_calls_since
 
 # tests/test_fsdp.py imports the constants below; torch.distributed.fsdp and DTensor are
 # imported only where the worker runs, so collecting the tests does not load them.
@@ -23,17 +24,6 @@ CONFIGS = {
 LAYERS = ("input_layer", "hidden_layer", "output_layer")
 
 
-def full(t):
-    from torch.distributed.tensor import DTensor
-
-    return None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-
-
-def calls_since(before, device):
-    after = dynnet_ext.kernel_calls()[device]
-    return {device: {op: after[op] - before[op] for op in after}}
-
-
 def train(device, config):
     steps = []
 
@@ -44,19 +34,20 @@ def train(device, config):
     before = dynnet_ext.kernel_calls()[device]
     losses, _, depths, model = cli.train(epochs=STEPS, device=device, seed=SEED, fsdp=True, on_step=on_step,
                                          return_model=True, **config, **SHAPE)
-    return {"losses": losses, "depths": depths, "steps": steps, "calls": calls_since(before, device),
+    return {"losses": losses, "depths": depths, "steps": steps, "calls": kernel_calls_since(before, device),
             "state": {name: full(p) for name, p in model.named_parameters()}}
 
 
 def mechanics(device):
     """One step of the per-module recipe with an input that needs its gradient and explicit
     prefetching: are the layers resharded after forward and after backward, does each layer's
-    post-backward (gradient reduce-scatter) run once, inside the backward, and which gradients
-    come out."""
+    post-backward (gradient reduce-scatter) run once, inside the backward, which collectives
+    run in each direction, and which gradients come out."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.debug import CommDebugMode
 
     where = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
     torch.manual_seed(0)
@@ -84,21 +75,23 @@ def mechanics(device):
     before = dynnet_ext.kernel_calls()[device]
     FSDPParamGroup.post_backward = spy
     try:
-        y = model(x_local, 2)
+        with CommDebugMode() as forward_comms:
+            y = model(x_local, 2)
         after_forward = resharded()
-        (y.square().sum() * world).backward()
+        with CommDebugMode() as backward_comms:
+            (y.square().sum() * world).backward()
     finally:
         FSDPParamGroup.post_backward = original
-    return {"x": x, "initial": initial, "y": y.detach(), "x_grad": x_local.grad, "calls": calls_since(before, device),
+    return {"x": x, "initial": initial, "y": y.detach(), "x_grad": x_local.grad,
+            "calls": kernel_calls_since(before, device), "is_fsdp": [isinstance(layer, FSDPModule) for layer in (inp, hid, out)],
             "resharded_after_forward": after_forward, "resharded_after_backward": resharded(),
             "grads": {name: full(p.grad) for name, p in model.named_parameters()},
             "grad_placements": {name: str(p.grad.placements) for name, p in model.named_parameters()},
-            "post_backward": post_backward, "is_fsdp": [isinstance(getattr(model, n), FSDPModule) for n in LAYERS]}
+            "post_backward": post_backward,
+            "forward_comms": comm_counts(forward_comms), "backward_comms": comm_counts(backward_comms)}
 
 
 def main():
-    from torchrun import finish
-
     device, out = sys.argv[1], sys.argv[2]
     result = {name: train(device, config) for name, config in CONFIGS.items()}
     result["mechanics"] = mechanics(device)

@@ -11,6 +11,7 @@ from torch import nn
 
 import dynnet_ext
 from dynnet_ext.nn import FusedLinear, FusedLinearReLU
+from torchrun import comm_counts, finish, full, kernel_calls_since
 
 N, D, HIDDEN = 6, 8, 12  # the Megatron MLP: D -> HIDDEN (column-parallel, ReLU) -> D (row-parallel)
 SHAPE = {"D_in": 10, "H": 6, "D_out": 4}  # DynamicNet
@@ -34,7 +35,6 @@ def run(module, x, *args):
     from torch.distributed.tensor.debug import CommDebugMode
 
     device_type = x.device.type
-    x_is_dtensor = isinstance(x, DTensor)
     before = dynnet_ext.kernel_calls()[device_type]
     module.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
@@ -42,20 +42,13 @@ def run(module, x, *args):
         y = module(x, *args)
     with CommDebugMode() as backward_comms:
         y.square().sum().backward()
-    after = dynnet_ext.kernel_calls()[device_type]
-
-    def full(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t.clone()
-
-    def comms(mode):
-        return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
-
-    return {"y": full(y.detach()), "x_grad": full(x.grad), "y_is_dtensor": isinstance(y, DTensor), "x_is_dtensor": x_is_dtensor,
+    calls = kernel_calls_since(before, device_type)
+    return {"y": full(y), "x_grad": full(x.grad), "y_is_dtensor": isinstance(y, DTensor),
             "grads": {name: full(p.grad) for name, p in module.named_parameters()},
             "local_shapes": {name: tuple(p.to_local().shape) for name, p in module.named_parameters()},
             "placements": {name: str(p.placements) for name, p in module.named_parameters()},
-            "forward_comms": comms(forward_comms), "backward_comms": comms(backward_comms),
-            "calls": {device_type: {op: after[op] - before[op] for op in after}}}
+            "forward_comms": comm_counts(forward_comms), "backward_comms": comm_counts(backward_comms),
+            "calls": calls}
 
 
 def main():
@@ -65,7 +58,6 @@ def main():
     from torch.distributed.tensor.parallel import parallelize_module
 
     from dynnet_ext.parallel import ColwiseParallel, RowwiseParallel
-    from torchrun import finish
 
     device_type, out = sys.argv[1], sys.argv[2]
     device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")

@@ -71,7 +71,9 @@ def test_whole_network_op_keeps_fsdp_mechanics(fsdp_run, ran):
     """The per-module recipe on the whole-network op: layers resharded after forward and after
     backward, each layer's gradient reduce-scatter (post-backward) run exactly once, inside the
     backward (the input needs its gradient here), with forward and backward prefetching set;
-    the output and every gradient, the input's included, as one process computes them."""
+    one all-gather per layer in each direction (the backward's proves the forward resharded) and
+    one reduce-scatter per layer; the output and every gradient, the input's included, as one
+    process computes them."""
     device, ranks = fsdp_run
     for r in ranks:
         ran.reported(r["mechanics"]["calls"], "dynamic_net", "dynamic_net_backward", device=device)
@@ -89,6 +91,9 @@ def test_whole_network_op_keeps_fsdp_mechanics(fsdp_run, ran):
         assert set(m["grad_placements"].values()) == {"(Shard(dim=0),)"}
         assert sorted(fqn for fqn, _ in m["post_backward"]) == sorted(LAYERS), m["post_backward"]
         assert all(node is not None for _, node in m["post_backward"]), m["post_backward"]
+        if len(ranks) > 1:  # each layer gathered once per direction (prefetched or not), reduced once
+            assert m["forward_comms"] == {"_allgather_base_": 3}, m["forward_comms"]
+            assert m["backward_comms"] == {"_allgather_base_": 3, "_reduce_scatter_base_": 3}, m["backward_comms"]
         rows = x.shape[0] // len(ranks)
         torch.testing.assert_close(m["y"], y.detach()[rank * rows:(rank + 1) * rows], **tol(torch.float32))
         torch.testing.assert_close(m["x_grad"], x.grad[rank * rows:(rank + 1) * rows] * len(ranks),

@@ -1,7 +1,7 @@
-"""Multi-process tests: start workers with torchrun, and the devices they run on. CPU runs use 2
-gloo processes; CUDA runs use NCCL with one process per GPU, at most 2 (NCCL cannot share a
-GPU between ranks, so with one GPU the run has one process, which still takes every
-distributed code path on the GPU)."""
+"""Multi-process tests: the devices they run on, starting workers with torchrun, and the helpers
+the workers (tests/*_worker.py) share. CPU runs use 2 gloo processes; CUDA runs use NCCL with
+one process per GPU, at most 2 (NCCL cannot share a GPU between ranks, so with one GPU the run
+has one process, which still takes every distributed code path on the GPU)."""
 
 import subprocess
 import sys
@@ -22,8 +22,7 @@ def torchrun(*args, nprocs=2, timeout=300):
 
 def run_worker(worker, device, out):
     """Runs tests/<worker> DEVICE OUT under torchrun and returns what each rank saved (finish())."""
-    proc = torchrun(str(Path(__file__).with_name(worker)), device, str(out),
-                    nprocs=PROCS[device])
+    proc = torchrun(str(Path(__file__).with_name(worker)), device, str(out), nprocs=PROCS[device])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(PROCS[device])]
 
@@ -35,3 +34,23 @@ def finish(result, out):
     torch.save(result, f"{out}.rank{dist.get_rank()}")
     dist.barrier()  # no rank tears its connections down while a peer still talks
     dist.destroy_process_group()
+
+
+def comm_counts(mode):
+    """A CommDebugMode's collective counts by short name, e.g. {"all_reduce": 1}."""
+    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
+
+
+def full(t):
+    """A worker's tensor as one process would have it: a DTensor gathered whole, a copy otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def kernel_calls_since(before, device_type):
+    """dynnet_ext.kernel_calls() on `device_type` minus `before`, as ran.reported takes it."""
+    import dynnet_ext
+
+    after = dynnet_ext.kernel_calls()[device_type]
+    return {device_type: {op: after[op] - before[op] for op in after}}
