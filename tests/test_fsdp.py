@@ -104,11 +104,14 @@ def test_whole_network_op_keeps_fsdp_mechanics(fsdp_run, ran):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cli_train_fsdp_under_torchrun(device, ran):
-    proc = torchrun("-m", "dynnet_ext", "train", "--fsdp", "--device", device, "--epochs", "3",
-                    "--N", "8", "--D_in", "12", "--H", "6", "--D_out", "3", nprocs=PROCS[device])
+    """The command line's FSDP flags reach the training (the default per-module recipe is what
+    the tests above train with)."""
+    proc = torchrun("-m", "dynnet_ext", "train", "--fsdp", "--fsdp-wrap", "root", "--fsdp-param-dtype", "bfloat16",
+                    "--device", device, "--epochs", "3", "--N", "8", "--D_in", "12", "--H", "6", "--D_out", "3",
+                    nprocs=PROCS[device])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran.reported(kernel_counts(proc.stdout), "dynamic_net", "dynamic_net_backward", device=device)
-    assert f"FSDP2 over {PROCS[device]} processes, layers sharded" in proc.stdout, proc.stdout
+    assert f"FSDP2 over {PROCS[device]} processes, root sharded, bfloat16 parameters" in proc.stdout, proc.stdout
     assert proc.stdout.count("] epoch ") == 3, proc.stdout  # rank 0 reports, rank 1 stays quiet
 
 
