@@ -4,10 +4,10 @@
     from dynnet_ext.parallel import ColwiseParallel, RowwiseParallel
     parallelize_module(mlp, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
 
-ColwiseParallel and RowwiseParallel are torch's (torch.distributed.tensor.parallel), with the same
-constructor arguments and behaviour, that also take FusedLinear and FusedLinearReLU (torch's
-accept only nn.Linear and nn.Embedding, by isinstance; the fused layers deliberately do not
-subclass nn.Linear). They shard the parameters as torch does for nn.Linear - column-parallel:
+ColwiseParallel and RowwiseParallel are torch's (torch.distributed.tensor.parallel), same
+constructor arguments and behaviour, extended to FusedLinear and FusedLinearReLU (torch's accept
+only nn.Linear and nn.Embedding, by isinstance; the fused layers deliberately do not subclass
+nn.Linear). They shard the parameters as torch does for nn.Linear - column-parallel:
 weight and bias split by output features (Shard(0)); row-parallel: weight split by input features
 (Shard(1)), bias replicated - and convert inputs and outputs the same way.
 
@@ -26,8 +26,8 @@ cannot apply a ReLU (relu(a) + relu(b) != relu(a + b)); its bias is Partial, i.e
 the replicated bias into shares that sum to it, so the bias is added once. Placements without a
 rule (a row-parallel ReLU layer; a tensor-parallel DynamicNet, whose hidden layer feeds itself)
 are redistributed by DTensor to a rule's placements, as for any op: RowwiseParallel refuses
-FusedLinearReLU for that reason, and DynamicNet(fusion="network") refuses tensor-parallel
-parameters (use fusion="layer").
+FusedLinearReLU for that reason, and DynamicNet(fusion="network") given tensor-parallel
+parameters says to use fusion="layer".
 
 The rules are registered when this module is imported, and by `import dynnet_ext` when DTensor
 (torch.distributed.tensor) is already loaded then.
@@ -36,11 +36,10 @@ The rules are registered when this module is imported, and by `import dynnet_ext
 from functools import partial
 
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import style
-from torch.distributed.tensor import distribute_module
 
 from .nn import FusedLinear, FusedLinearReLU
 from .ops import _C
@@ -49,7 +48,9 @@ __all__ = ["ColwiseParallel", "RowwiseParallel"]
 
 
 def _fused_apply(parallel_style, module, device_mesh):
-    """torch's ParallelStyle._apply for an nn.Linear, for a fused layer (same attributes)."""
+    """What torch's style does to an nn.Linear, done to a fused layer (same attributes): its own
+    partition and input/output functions (torch internals, so tests/test_tensor_parallel.py
+    checks the shards, placements and collectives they give)."""
     return distribute_module(
         module,
         device_mesh,
@@ -103,6 +104,12 @@ def _given(t, placement):
     return None if t is None else placement
 
 
+def _computed(output_mask, *placements):
+    """A backward op's output placements: a gradient output_mask leaves out is an empty (0,)
+    tensor, given Replicate."""
+    return [p if need else R for p, need in zip(placements, output_mask)]
+
+
 def _linear_relu_rules(x, weight, bias, activation="relu"):
     last = x.ndim - 1
     rules = [
@@ -116,11 +123,8 @@ def _linear_relu_rules(x, weight, bias, activation="relu"):
 
 
 def _linear_relu_backward_rules(grad_y, x, weight, y, activation, output_mask):
-    # Outputs (grad_x, grad_weight, grad_bias); one that output_mask leaves out is an empty
-    # (0,) tensor, given Replicate.
-    def out(*placements):
-        return [p if need else R for p, need in zip(placements, output_mask)]
-
+    # Outputs (grad_x, grad_weight, grad_bias).
+    out = partial(_computed, output_mask)
     last = x.ndim - 1
     rules = [
         (out(R, R, R), [R, R, R, _given(y, R), None, None]),
@@ -150,9 +154,7 @@ def _dynamic_net_rules(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
 
 
 def _dynamic_net_backward_rules(grad_out, x, w_in, w_h, w_out, acts, depth, output_mask):
-    def out(*placements):
-        return [p if need else R for p, need in zip(placements, output_mask)]
-
+    out = partial(_computed, output_mask)
     return [
         (out(*[R] * 7), [R, R, R, _given(w_h, R), R, R, None, None]),
         (out(Shard(0), *[P] * 6), [Shard(0), Shard(0), R, _given(w_h, R), R, Shard(0), None, None]),

@@ -21,10 +21,11 @@ def torchrun(*args, nprocs=2, timeout=300):
 
 
 def run_worker(worker, device, out):
-    """Runs tests/<worker> DEVICE OUT under torchrun and returns what each rank saved (finish())."""
+    """Runs tests/<worker> DEVICE OUT under torchrun and returns what each rank saved (finish()),
+    every tensor on `device` (the current GPU for "cuda": rank r saved from GPU r)."""
     proc = torchrun(str(Path(__file__).with_name(worker)), device, str(out), nprocs=PROCS[device])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(PROCS[device])]
+    return [torch.load(f"{out}.rank{r}", map_location=device, weights_only=False) for r in range(PROCS[device])]
 
 
 def finish(result, out):
