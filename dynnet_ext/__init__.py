@@ -8,10 +8,17 @@ dynamic-depth DynamicNet built on them.
     fused = dynnet_ext.fuse(existing_model)                # nn.Linear + ReLU -> FusedLinearReLU
 """
 
+import sys
+
 from . import functional, nn, reference
 from .fuse import FuseReport, fuse
 from .models import DynamicNet
 from .ops import BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
+
+if "torch.distributed.tensor" in sys.modules:
+    # DTensor is in use: give the ops their sharding rules now. Otherwise importing
+    # dynnet_ext.parallel does (DTensor takes a while to import; most users never need it).
+    from . import parallel  # noqa: F401
 
 __version__ = "0.1.0"
 

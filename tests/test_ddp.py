@@ -10,6 +10,7 @@ import torch
 from conftest import tol
 from dynnet_ext import cli
 from test_training import kernel_counts
+from torchrun import torchrun
 
 SHAPE = {"N": 8, "D_in": 12, "H": 6, "D_out": 3}
 STEPS = 6  # seed 0 draws depths 3, 3, 0, 2, 3, ...: depth 0 (hidden layer unused) included
@@ -25,11 +26,6 @@ WORKER = textwrap.dedent(
     torch.distributed.destroy_process_group()
     """
 )
-
-
-def torchrun(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_ddp_two_processes_equal_single_process_whole_batch(tmp_path, ran):

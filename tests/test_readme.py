@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import torch
 
@@ -46,3 +48,20 @@ def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
     assert text.index(commands[1]) > marker
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "<!-- test-command -->" in f.read()
+
+
+def test_scaling_out_recipes_run_under_torchrun(tmp_path):
+    """The FSDP2 and tensor-parallel scripts of "Scaling out" run as written, one after the
+    other in the same 2 processes (one torchrun: the process group the first starts, the second
+    uses, so the first's last line and the second's init_process_group are left out)."""
+    text = readme()
+    section = text[text.index("## Scaling out"):text.index("## How it works")]
+    fsdp, tp = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "fully_shard" in fsdp and "parallelize_module" in tp
+    end, start = "dist.destroy_process_group()\n", 'dist.init_process_group("gloo")\n'
+    assert fsdp.endswith(end) and tp.count(start) == 1
+    path = tmp_path / "recipes.py"
+    path.write_text(fsdp[:-len(end)] + tp.replace(start, ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
