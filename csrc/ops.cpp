@@ -26,6 +26,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "cpu/gemm.h"
 
 TORCH_LIBRARY(dynnet, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
@@ -59,6 +60,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("dynamic_net", &dynnet::call_dynamic_net, pybind11::arg("x"), pybind11::arg("w_in"),
              pybind11::arg("b_in"), pybind11::arg("w_h"), pybind11::arg("b_h"), pybind11::arg("w_out"),
              pybind11::arg("b_out"), pybind11::arg("depth"));
+  // The CPU GEMM engine's instruction set (csrc/cpu/gemm.cpp): tests and benchmarks switch it
+  // in-process; DYNNET_EXT_CPU_GEMM sets it at load.
+  module.def("cpu_gemm_isa", &dynnet::gemm::isa, "the CPU GEMM engine in use: avx512, avx2 or aten");
+  module.def("cpu_gemm_isas", &dynnet::gemm::available_isas, "the CPU GEMM engines this CPU and build can run");
+  module.def("set_cpu_gemm_isa", &dynnet::gemm::set_isa, pybind11::arg("name"),
+             "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;

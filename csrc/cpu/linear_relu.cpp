@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gemm.h"
 #include "kernels.h"
 
 namespace dynnet {
@@ -119,8 +120,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
   at::Tensor gb = need_gb ? at::empty({N}, x.options()) : empty();
-  at::Tensor g = gy2;  // the gradient at the pre-activation; grad_y itself for 'none'
   const bool relu = act == Activation::Relu;
+  if (const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type()); kern && (need_gx || need_gw)) {
+    // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
+    // gradient is the one pass left.
+    const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
+    if (need_gb) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
+        const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
+        relu ? mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), y2.const_data_ptr<scalar_t>(),
+                                                               y2.stride(0), nullptr, gb.data_ptr<scalar_t>(), M, N)
+             : mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr,
+                                                                gb.data_ptr<scalar_t>(), M, N);
+      });
+    }
+    at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
+    at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
+    const gemm::DType dt = gemm::dtype_of(x.scalar_type());
+    const at::Tensor x2 = as_2d(x, M, K);  // held: the problems point into it
+    gemm::Problem px, pw;  // grad_x = g @ weight, grad_weight = g.T @ x
+    std::vector<const gemm::Problem*> problems;
+    if (need_gx && M > 0 && K > 0) {
+      px.M = M, px.N = K, px.K = N, px.dtype = dt;
+      px.a = gemm::view_of(gy2);
+      if (relu) px.a_mask_y = gemm::view_of(y2);
+      px.b = gemm::view_of(weight);
+      px.c = gx.data_ptr(), px.ldc = K;
+      problems.push_back(&px);
+    }
+    if (need_gw && N > 0 && K > 0) {
+      pw.M = N, pw.N = K, pw.K = M, pw.dtype = dt;
+      pw.a = gemm::view_of_t(gy2);
+      if (relu) pw.a_mask_y = gemm::view_of_t(y2);
+      pw.b = gemm::view_of(x2);
+      pw.c = gw.data_ptr(), pw.ldc = K;
+      problems.push_back(&pw);
+    }
+    if (!problems.empty()) gemm::run(kern, problems);
+    return {gx, gw, gb};
+  }
+
+  at::Tensor g = gy2;  // the gradient at the pre-activation; grad_y itself for 'none'
   if (relu && (need_gx || need_gw)) g = at::empty({M, N}, x.options());
   if ((relu && (need_gx || need_gw)) || need_gb) {
     const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
@@ -167,6 +207,18 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
                    const std::optional<at::Tensor>& bias, Activation act) {
   const int64_t M = y2.size(0), N = y2.size(1);
   if (M == 0 || N == 0) return;
+  if (const gemm::Kernels* kern = gemm::kernels_for(x2.scalar_type())) {
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    gemm::Problem p;
+    p.M = M, p.N = N, p.K = x2.size(1), p.dtype = gemm::dtype_of(x2.scalar_type());
+    p.a = gemm::view_of(x2);
+    p.b = gemm::view_of_t(weight);
+    p.c = y2.data_ptr(), p.ldc = y2.stride(0);
+    p.epi.bias = b.defined() ? b.const_data_ptr() : nullptr;
+    p.epi.relu = act == Activation::Relu;
+    gemm::run(kern, {&p});
+    return;
+  }
   // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
   // dtype once, as stock's addmm does; adding it afterwards would round twice.
   const bool half = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;

@@ -1,0 +1,61 @@
+// The CPU GEMM engine of the fused ops: C = epilogue(A @ B) with bias, ReLU, ReLU's backward
+// mask and the rounding to the output dtype applied in the micro-kernel's store, and ReLU's
+// backward mask on A applied while A is packed. See gemm.cpp for the design and the numbers
+// behind it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "gemm_api.h"
+
+namespace dynnet {
+namespace gemm {
+
+// The kernels that run `dtype` now, or nullptr when the op should use ATen (float64, a CPU
+// without AVX2+FMA, or DYNNET_EXT_CPU_GEMM=aten). Chosen once per process from the CPU and the
+// environment variable DYNNET_EXT_CPU_GEMM (auto | avx512 | avx2 | aten); set_isa overrides it.
+const Kernels* kernels_for(at::ScalarType dtype);
+// The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
+std::string isa();
+std::vector<std::string> available_isas();
+// Switches the engine (tests and benchmarks compare paths in one process). Returns the previous
+// choice. Throws for a name this CPU cannot run.
+std::string set_isa(const std::string& name);
+
+DType dtype_of(at::ScalarType t);
+
+// A (rows, cols) tensor as a View (any strides).
+inline View view_of(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+// Its transpose as a View, without a copy.
+inline View view_of_t(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(1), t.stride(0)}; }
+
+// Packs the B operand of each problem (panels split across the threads when `parallel`) into
+// memory owned by the calling thread and valid until its next pack_b call.
+std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel);
+
+// Rows x panels rectangle of task t of T for a problem (T near-equal parts, by rows when there
+// are enough rows, by panels otherwise).
+struct Rect {
+  int64_t r0, r1, p0, p1;
+};
+Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T);
+
+// Computes rectangle `r` of problem `p` on the calling thread.
+void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r);
+inline void compute_rows(const Kernels* k, const Problem& p, const PackedB& b, int64_t r0, int64_t r1) {
+  compute(k, p, b, {r0, r1, 0, b.panels()});
+}
+
+// Packs and computes the problems, each split across the threads when worth it: the packing in
+// one parallel region, the products in a second. Bitwise the same results for any thread count.
+void run(const Kernels* k, const std::vector<const Problem*>& problems);
+
+// Tasks worth running for `flops` of work on the current thread count (1 inside a parallel
+// region or for small work).
+int64_t num_tasks(double flops);
+
+}  // namespace gemm
+}  // namespace dynnet
