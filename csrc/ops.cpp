@@ -76,6 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
     info["cuda_archs"] = std::string(DYNNET_CUDA_ARCHS);
     info["torch_version"] = std::string(DYNNET_TORCH_VERSION);  // the torch it was built against
+    // The CPU GEMM engine at load (DYNNET_EXT_CPU_GEMM is read, and rejected if wrong, here).
+    info["cpu_gemm_isa"] = dynnet::gemm::isa();
     return info;
   });
 }

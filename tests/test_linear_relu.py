@@ -7,6 +7,8 @@ from conftest import TOLERANCES, tol
 from dynnet_ext import reference
 
 OPS = torch.ops.dynnet
+# Every test here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
+pytestmark = pytest.mark.usefixtures("cpu_gemm_isa")
 
 # (leading dims of x, in_features, out_features): zero, one, odd and prime sizes, 3-D input.
 SHAPES = [
@@ -238,9 +240,23 @@ def test_outputs_are_fresh_tensors_not_views(device):
         assert t._base is None and t.is_contiguous()
 
 
+def half_ulp(exact, dtype):
+    """Half the spacing of `dtype` at each value of `exact` (float64), normal range."""
+    bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    _, exponent = torch.frexp(exact)
+    return torch.ldexp(torch.full_like(exact, 0.5), exponent - 1 - bits)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_types_round_once_like_stock_cpu(dtype):
-    # On the CPU the bias enters the GEMM's fp32 accumulator for half types, so y is rounded to
-    # the dtype once, exactly as stock's addmm: the results are bitwise equal.
+def test_half_types_round_once_cpu(dtype, cpu_gemm_isa):
+    # Half types: products and the bias are summed in fp32 and y is rounded to the dtype once,
+    # so every element lies within half an ulp of the exact result (plus the fp32 sum's error).
+    # Rounding the GEMM to the dtype and then adding the bias would be off by up to a whole ulp.
     x, w, b = make((64,), 1000, 100, dtype, "cpu")
-    assert torch.equal(OPS.linear_relu(x, w, b, "relu"), torch.relu(torch.nn.functional.linear(x, w, b)))
+    w = w * 8  # |y| well inside the dtypes' normal range
+    y = OPS.linear_relu(x, w, b, "none").double()
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    fp32_sum_error = 1e-5 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    assert ((y - exact).abs() <= half_ulp(exact, dtype) + fp32_sum_error).all()
+    if cpu_gemm_isa == "aten":  # ATen's path puts the bias in addmm's accumulator: stock's bits
+        assert torch.equal(OPS.linear_relu(x, w, b, "relu"), torch.relu(torch.nn.functional.linear(x, w, b)))
