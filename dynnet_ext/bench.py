@@ -556,8 +556,17 @@ def calibrate(device, quick):
     flops = 2 * M * K * N
     gflops = {name: flops / (statistics.median(ms) * 1e-3) / 1e9 for name, ms in samples.items()}
     best = max(gflops, key=gflops.get)
+    # The hardware's side: a register-only FMA loop (no memory, no GEMM) per instruction set,
+    # on all threads at once. A GEMM can approach it, never pass it.
+    fma = {}
+    if device == "cpu":
+        from .ops import _C
+        if _C is not None:
+            for isa in _C.cpu_gemm_isas():
+                if isa != "aten":
+                    fma[isa] = _C.cpu_fma_peak_gflops(isa, torch.get_num_threads(), 0.05 if quick else 0.2)
     return {"shape": "x".join(map(str, CALIBRATION_SHAPE)), "gflops": gflops, "peak_gflops": gflops[best],
-            "best_engine": best}
+            "best_engine": best, "fma_loop_gflops": fma}
 
 
 def _memory_rows(case, key, device):
@@ -723,9 +732,11 @@ def format_table(rows):
 def format_calibration(calibration):
     """One line: the calibration GEMM's rate per engine and the peak the rows are measured against."""
     rates = ", ".join(f"{name} {rate:.0f}" for name, rate in calibration["gflops"].items())
+    fma = ", ".join(f"{isa} {rate:.0f}" for isa, rate in calibration.get("fma_loop_gflops", {}).items())
     return (f"Machine peak: {calibration['peak_gflops']:.0f} GFLOP/s ({calibration['best_engine']}, float32 GEMM "
-            f"{calibration['shape']} on all threads; engines: {rates} GFLOP/s). GFLOP/s columns count the GEMMs' "
-            "multiply-adds only.")
+            f"{calibration['shape']} on all threads; engines: {rates} GFLOP/s" +
+            (f"; register-only FMA loop: {fma} GFLOP/s" if fma else "") +
+            "). GFLOP/s columns count the GEMMs' multiply-adds only; % of peak is against the GEMM peak.")
 
 
 def format_markdown(rows):

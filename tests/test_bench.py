@@ -51,6 +51,8 @@ def test_quick_schema(quick):
     assert {"torch.mm", "onednn"} <= set(cal["gflops"])
     assert {f"dynnet-{isa}" for isa in CPU_GEMM_ISAS if isa != "aten"} <= set(cal["gflops"])
     assert cal["peak_gflops"] == max(cal["gflops"].values()) == cal["gflops"][cal["best_engine"]] > 0
+    assert set(cal["fma_loop_gflops"]) == {isa for isa in CPU_GEMM_ISAS if isa != "aten"}
+    assert all(rate > 0 for rate in cal["fma_loop_gflops"].values())
 
 
 def test_quick_gflops(quick):

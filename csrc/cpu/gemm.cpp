@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -195,6 +196,31 @@ Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T) {
 void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r) {
   if (r.r1 <= r.r0 || r.p1 <= r.p0) return;
   k->compute(p, b, r.r0, r.r1, r.p0, r.p1, scratch(k, p));
+}
+
+double fma_peak_gflops(const std::string& name, int64_t threads, double seconds) {
+  const Isa isa = parse_isa(name);
+  TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
+              c10::Join(", ", available_isas()));
+  const Kernels* k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
+  std::vector<double> rate(T, 0.0);
+  parallel_tasks(T, [&](int64_t t) {
+    int64_t iters = 1 << 16;
+    for (;;) {  // grow the round count until one run lasts `seconds`
+      const auto t0 = std::chrono::steady_clock::now();
+      const double flops = k->fma_loop(iters);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (s >= seconds || iters > (int64_t(1) << 40)) {
+        rate[t] = flops / s / 1e9;
+        return;
+      }
+      iters *= 2;
+    }
+  });
+  double total = 0;
+  for (double r : rate) total += r;
+  return total;
 }
 
 void run(const Kernels* k, const std::vector<const Problem*>& problems) {

@@ -53,6 +53,10 @@ inline void compute_rows(const Kernels* k, const Problem& p, const PackedB& b, i
 // one parallel region, the products in a second. Bitwise the same results for any thread count.
 void run(const Kernels* k, const std::vector<const Problem*>& problems);
 
+// The FMA ceiling of the engine `isa` (avx512 or avx2) on `threads` threads, in GFLOP/s: a
+// register-only FMA loop run for about `seconds` on each thread at once.
+double fma_peak_gflops(const std::string& isa, int64_t threads, double seconds);
+
 // Tasks worth running for `flops` of work on the current thread count (1 inside a parallel
 // region or for small work).
 int64_t num_tasks(double flops);

@@ -69,6 +69,9 @@ struct Kernels {
   void (*pack_b)(const Problem& p, void* dst, int64_t p0, int64_t p1);  // panels [p0, p1)
   void (*compute)(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
                   float* scratch);
+  // FLOPs of `iters` rounds of 2 x MR x NVMAX independent register FMAs (no memory): the core's
+  // FMA ceiling, to tell a kernel's speed from the hardware's.
+  double (*fma_loop)(int64_t iters);
 };
 
 // Defined by the ISA units; each returns nullptr when built without support for its ISA.

@@ -66,10 +66,12 @@ struct Avx2 {
   static void store(f16_t* p, V v, int n) {
     store_bits(reinterpret_cast<uint16_t*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), n);
   }
-  // dst[k * ldd + j] = src[j * lds + k] for an 8 x 8 block.
-  static void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  // dst[k * ldd + j] = src[j * lds + k] for j < rows, k < kn (both <= 8); dst[k * ldd + j] = 0
+  // for rows <= j < 8.
+  static void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int rows, int kn) {
     V r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; ++i)
+      r[i] = i >= rows ? zero() : kn == W ? _mm256_loadu_ps(src + i * lds) : _mm256_maskload_ps(src + i * lds, mask(kn));
     for (int i = 0; i < 8; i += 2) {
       t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
       t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -84,7 +86,7 @@ struct Avx2 {
       t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
       t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
     }
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, t[i]);
+    for (int i = 0; i < kn; ++i) _mm256_storeu_ps(dst + i * ldd, t[i]);
   }
 };
 

@@ -69,10 +69,12 @@ struct Avx512 {
     const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     n == W ? _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h) : _mm256_mask_storeu_epi16(p, mask(n), h);
   }
-  // dst[k * ldd + j] = src[j * lds + k] for a 16 x 16 block.
-  static void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  // dst[k * ldd + j] = src[j * lds + k] for j < rows, k < kn (both <= 16); dst[k * ldd + j] = 0
+  // for rows <= j < 16.
+  static void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int rows, int kn) {
     V r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; ++i)
+      r[i] = i >= rows ? zero() : kn == W ? _mm512_loadu_ps(src + i * lds) : _mm512_maskz_loadu_ps(mask(kn), src + i * lds);
     for (int i = 0; i < 16; i += 2) {
       t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
       t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -92,7 +94,7 @@ struct Avx512 {
       r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
       r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
     }
-    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+    for (int i = 0; i < kn; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
   }
 };
 #include "gemm_kernel.h"

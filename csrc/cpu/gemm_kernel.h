@@ -58,24 +58,22 @@ void pack_b_block(const Problem& p, int64_t k0, int64_t kcb, int64_t j0, int64_t
     }
     return;
   }
-  // Columns of B contiguous (B = W^T in the forward): transpose in W x W register blocks where
-  // the block is whole, element by element at the edges.
-  int64_t j = 0;
+  // Columns of B contiguous (B = W^T in the forward): transpose W x W register blocks, the
+  // edge blocks with masked loads (zero columns past N, zero-padded) and fewer stored rows.
   if constexpr (std::is_same_v<T, float>) {
     if (rs == 1) {
-      for (; j + I::W <= w; j += I::W) {
-        int64_t k = 0;
-        for (; k + I::W <= kcb; k += I::W)
-          I::transpose_block(src + (j0 + j) * cs + (k0 + k), cs, dst + k * width + j, width);
-        for (; k < kcb; ++k)
-          for (int64_t jj = j; jj < j + I::W; ++jj) dst[k * width + jj] = src[(j0 + jj) * cs + (k0 + k)];
-      }
+      for (int64_t j = 0; j < width; j += I::W)
+        for (int64_t k = 0; k < kcb; k += I::W)
+          I::transpose_block(src + (j0 + j) * cs + (k0 + k), cs, dst + k * width + j, width,
+                             static_cast<int>(std::clamp<int64_t>(w - j, 0, I::W)),
+                             static_cast<int>(std::min<int64_t>(I::W, kcb - k)));
+      return;
     }
   }
   for (int64_t k = 0; k < kcb; ++k) {
     float* out = dst + k * width;
-    for (int64_t jj = j; jj < w; ++jj) out[jj] = to_f32(src[(k0 + k) * rs + (j0 + jj) * cs]);
-    for (int64_t jj = std::max(j, w); jj < width; ++jj) out[jj] = 0.f;
+    for (int64_t jj = 0; jj < w; ++jj) out[jj] = to_f32(src[(k0 + k) * rs + (j0 + jj) * cs]);
+    for (int64_t jj = w; jj < width; ++jj) out[jj] = 0.f;
   }
 }
 
@@ -293,6 +291,26 @@ void compute_any(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int
 }
 
 template <class I>
+double fma_loop(int64_t iters) {
+  using V = typename I::V;
+  constexpr int n = 2 * I::MR * I::NVMAX > 24 ? 24 : 2 * I::MR * I::NVMAX;  // enough chains to cover the FMA latency
+  V acc[n];
+  for (int i = 0; i < n; ++i) acc[i] = I::zero();
+  float one = 1.0f, tiny = 1e-7f;
+  const V a = I::bcast(&one), b = I::bcast(&tiny);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 24
+    for (int i = 0; i < n; ++i) acc[i] = I::fma(acc[i], a, b);
+  }
+  V sum = acc[0];
+  for (int i = 1; i < n; ++i) sum = I::add(sum, acc[i]);
+  float out[I::W];
+  I::store(out, sum);
+  // The result feeds the return value, so the loop cannot be dropped; it is ~0 by construction.
+  return 2.0 * I::W * n * static_cast<double>(iters) + (out[0] > 1e30f ? 1.0 : 0.0);
+}
+
+template <class I>
 size_t scratch_floats(DType dtype, int64_t K) {
   return static_cast<size_t>(I::MR * kc_for<I>(dtype, K));
 }
@@ -300,6 +318,6 @@ size_t scratch_floats(DType dtype, int64_t K) {
 template <class I>
 const Kernels* make_kernels(const char* name) {
   static const Kernels k{name, I::MR, I::NR, &kc_for<I>, &packed_b_bytes<I>, &scratch_floats<I>, &pack_b_any<I>,
-                         &compute_any<I>};
+                         &compute_any<I>, &fma_loop<I>};
   return &k;
 }
