@@ -63,6 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // The CPU GEMM engine's instruction set (csrc/cpu/gemm.cpp): tests and benchmarks switch it
   // in-process; DYNNET_EXT_CPU_GEMM sets it at load.
   module.def("cpu_gemm_isa", &dynnet::gemm::isa, "the CPU GEMM engine in use: avx512, avx2 or aten");
+  module.def("cpu_gemm_kernels", &dynnet::gemm::kernels_name, pybind11::arg("dtype"),
+             "the kernels the CPU ops use now for a dtype name: avx512, avx512_bf16, avx2 or aten");
   module.def("cpu_gemm_isas", &dynnet::gemm::available_isas, "the CPU GEMM engines this CPU and build can run");
   module.def("set_cpu_gemm_isa", &dynnet::gemm::set_isa, pybind11::arg("name"),
              "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");

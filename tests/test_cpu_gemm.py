@@ -79,7 +79,7 @@ def test_strided_operands(layout, cpu_gemm_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("k", [1, 300])
+@pytest.mark.parametrize("k", [1, 300, 301])  # odd K: the last bfloat16 k-pair is half padding
 def test_half_types_edges(dtype, k, cpu_gemm_isa):
     x = torch.randn(7, k).to(dtype)
     w = (torch.randn(65, k) / k**0.5).to(dtype)
@@ -138,6 +138,25 @@ def forward_backward_fixed(x, w, b):
     y = OPS.linear_relu(x, w, b, "relu")
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
     return [y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])]
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def test_kernels_per_dtype(cpu_gemm_isa):
+    # float64 always keeps ATen's BLAS; bfloat16 runs on vdpbf16ps where the CPU has AVX512_BF16.
+    from dynnet_ext import _C
+
+    names = {d: _C.cpu_gemm_kernels(d) for d in ("float32", "bfloat16", "float16", "float64")}
+    assert names["float64"] == "aten"
+    assert names["float32"] == names["float16"] == cpu_gemm_isa
+    bf16 = "avx512_bf16" if cpu_gemm_isa == "avx512" and "avx512_bf16" in cpu_flags() else cpu_gemm_isa
+    assert names["bfloat16"] == bf16
 
 
 def test_engine_switch_and_errors():

@@ -60,6 +60,15 @@ bool cpu_has(Isa isa) {
   return isa == kAten;
 }
 
+bool has_avx512_bf16() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool yes = avx512bf16_kernels() != nullptr && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 Isa best_isa() { return cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kAten; }
 
 Isa parse_isa(const std::string& name) {
@@ -117,10 +126,23 @@ DType dtype_of(at::ScalarType t) {
 const Kernels* kernels_for(at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return nullptr;
   switch (current_isa().load(std::memory_order_relaxed)) {
-    case kAvx512: return avx512_kernels();
+    case kAvx512:
+      // bfloat16 on the BF16 dot-product instructions where the CPU has them.
+      return dtype == at::kBFloat16 && has_avx512_bf16() ? avx512bf16_kernels() : avx512_kernels();
     case kAvx2: return avx2_kernels();
     default: return nullptr;
   }
+}
+
+std::string kernels_name(const std::string& dtype) {
+  const at::ScalarType t = dtype == "float32"    ? at::kFloat
+                           : dtype == "bfloat16" ? at::kBFloat16
+                           : dtype == "float16"  ? at::kHalf
+                           : dtype == "float64"  ? at::kDouble
+                                                 : at::kByte;
+  TORCH_CHECK(t != at::kByte, "dynnet: dtype must be float32, bfloat16, float16 or float64, got '", dtype, "'");
+  const Kernels* k = kernels_for(t);
+  return k ? k->name : "aten";
 }
 
 std::string isa() { return kIsaNames[current_isa().load()]; }

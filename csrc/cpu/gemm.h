@@ -20,6 +20,9 @@ namespace gemm {
 const Kernels* kernels_for(at::ScalarType dtype);
 // The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
 std::string isa();
+// The kernels the ops use now for a dtype ("float32", "bfloat16", "float16", "float64"):
+// "avx512", "avx512_bf16", "avx2", or "aten".
+std::string kernels_name(const std::string& dtype);
 std::vector<std::string> available_isas();
 // Switches the engine (tests and benchmarks compare paths in one process). Returns the previous
 // choice. Throws for a name this CPU cannot run.

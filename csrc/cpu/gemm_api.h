@@ -76,6 +76,7 @@ struct Kernels {
 
 // Defined by the ISA units; each returns nullptr when built without support for its ISA.
 const Kernels* avx512_kernels();
+const Kernels* avx512bf16_kernels();  // bfloat16 on vdpbf16ps (AVX512_BF16), the rest as avx512
 const Kernels* avx2_kernels();
 
 }  // namespace gemm

@@ -25,6 +25,8 @@ struct Avx2 {
   static constexpr int W = 8, MR = 6, NVMAX = 2, NR = NVMAX * W;
   static constexpr int64_t KC = 256, L2_FLOATS = 1 << 18;
   using V = __m256;
+  using Word = float;  // one k per packed element
+  static constexpr int KPACK = 1;
   static __m256i mask(int n) {  // lanes [0, n) set
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -44,6 +46,8 @@ struct Avx2 {
   static V load(const f16_t* p, int n) { return _mm256_cvtph_ps(load_bits(reinterpret_cast<const uint16_t*>(p), n)); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V loadw(const Word* p) { return load(p); }
+  static V dot(V a, V b, V acc) { return fma(a, b, acc); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V relu(V v) { return _mm256_max_ps(zero(), v); }  // max returns its 2nd operand for NaN: keeps NaN
   static V mask_le0(V y, V v) { return _mm256_blendv_ps(v, zero(), _mm256_cmp_ps(y, zero(), _CMP_LE_OQ)); }

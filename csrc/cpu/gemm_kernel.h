@@ -98,11 +98,35 @@ int64_t kc_for(DType dtype, int64_t K) {
 
 template <class I>
 size_t packed_b_bytes(DType dtype, int64_t K, int64_t N) {
-  return static_cast<size_t>(std::max<int64_t>(K, 1) * padded_n<I>(N)) * sizeof(float);
+  const int64_t words = std::max<int64_t>((K + I::KPACK - 1) / I::KPACK, 1);
+  return static_cast<size_t>(words * padded_n<I>(N)) * sizeof(typename I::Word);
+}
+
+// bfloat16 pairs for vdpbf16ps (KPACK == 2): word (kk, j) holds B(2 kk, j) in its low half and
+// B(2 kk + 1, j) in its high half; zero past K and N. All of K in one block (half types).
+template <class I>
+void pack_b_pairs(const Problem& p, uint32_t* dst, int64_t p0, int64_t p1) {
+  const uint16_t* src = static_cast<const uint16_t*>(p.b.p);
+  const int64_t K = p.K, N = p.N, rs = p.b.rs, cs = p.b.cs, kk_n = (K + 1) / 2;
+  for (int64_t q = p0; q < p1; ++q) {
+    const int64_t j0 = q * I::NR, w = std::min<int64_t>(I::NR, N - j0), width = panel_width<I>(N, q);
+    uint32_t* panel = dst + kk_n * j0;
+    for (int64_t kk = 0; kk < kk_n; ++kk) {
+      const uint16_t* lo = src + 2 * kk * rs + j0 * cs;
+      const uint16_t* hi = 2 * kk + 1 < K ? lo + rs : nullptr;
+      uint32_t* out = panel + kk * width;
+      for (int64_t j = 0; j < w; ++j) out[j] = uint32_t(lo[j * cs]) | (hi ? uint32_t(hi[j * cs]) << 16 : 0u);
+      for (int64_t j = w; j < width; ++j) out[j] = 0;
+    }
+  }
 }
 
 template <class I, typename T>
-void pack_b_panels(const Problem& p, float* dst, int64_t p0, int64_t p1) {
+void pack_b_panels(const Problem& p, void* dst_, int64_t p0, int64_t p1) {
+  if constexpr (I::KPACK == 2) {
+    return pack_b_pairs<I>(p, static_cast<uint32_t*>(dst_), p0, p1);
+  } else {
+  float* dst = static_cast<float*>(dst_);
   const int64_t K = p.K, N = p.N, kc = kc_for<I>(p.dtype, K), Np = padded_n<I>(N);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kcb = std::min(kc, K - k0);
@@ -113,14 +137,30 @@ void pack_b_panels(const Problem& p, float* dst, int64_t p0, int64_t p1) {
                          block + kcb * j0);
     }
   }
+  }
 }
 
 // A's rows [i0, i0 + R) x columns [k0, k0 + kcb) into dst[k * MR + i], converted to fp32 and
 // masked (ReLU's backward: where y <= 0 the gradient is 0) when the problem says so.
 template <class I, typename T>
-void pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb, float* __restrict__ dst) {
+void pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb, void* dst_) {
   const T* a = static_cast<const T*>(p.a.p);
   const T* m = static_cast<const T*>(p.a_mask_y.p);
+  if constexpr (I::KPACK == 2) {  // bfloat16 pairs: word (kk, i) = A(i, 2 kk) | A(i, 2 kk + 1) << 16
+    uint32_t* dst = static_cast<uint32_t*>(dst_);
+    const auto bits = [&](const T* ar, const T* mr, int64_t k) -> uint32_t {
+      if (k >= kcb || (m && to_f32(mr[k * p.a_mask_y.cs]) <= 0.f)) return 0;  // NaN in y keeps the value
+      return ar[k * p.a.cs].x;
+    };
+    for (int i = 0; i < R; ++i) {
+      const T* ar = a + (i0 + i) * p.a.rs + k0 * p.a.cs;
+      const T* mr = m ? m + (i0 + i) * p.a_mask_y.rs + k0 * p.a_mask_y.cs : nullptr;
+      for (int64_t kk = 0; kk < (kcb + 1) / 2; ++kk)
+        dst[kk * I::MR + i] = bits(ar, mr, 2 * kk) | bits(ar, mr, 2 * kk + 1) << 16;
+    }
+    return;
+  }
+  float* dst = static_cast<float*>(dst_);
   for (int i = 0; i < R; ++i) {
     const T* ar = a + (i0 + i) * p.a.rs + k0 * p.a.cs;
     const T* mr = m ? m + (i0 + i) * p.a_mask_y.rs + k0 * p.a_mask_y.cs : nullptr;
@@ -136,9 +176,9 @@ void pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb,
 
 struct TileArgs {
   int64_t kcb;
-  const float* a;  // A(i, k) at a[i * rs_a + k * cs_a]
+  const void* a;  // A(i, k) at a[i * rs_a + k * cs_a] (in words: k pairs for KPACK 2)
   int64_t rs_a, cs_a;
-  const float* b;  // packed panel, row k at b[k * NV * W]
+  const void* b;  // packed panel, row k at b[k * NV * W]
   void* c;         // C(i, j) at c[i * ldc + j], already offset to the tile
   int64_t ldc;
   int nlast;                 // valid lanes of the last vector (1..W)
@@ -157,18 +197,19 @@ void micro_kernel(const TileArgs& t) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[i][v] = I::zero();
 
-  const float* __restrict__ b = t.b;
-  const float* a = t.a;
-  const int64_t rs = t.rs_a, cs = t.cs_a;
-  for (int64_t k = 0; k < t.kcb; ++k) {
+  using Word = typename I::Word;
+  const Word* __restrict__ b = static_cast<const Word*>(t.b);
+  const Word* a = static_cast<const Word*>(t.a);
+  const int64_t rs = t.rs_a, cs = t.cs_a, steps = (t.kcb + I::KPACK - 1) / I::KPACK;
+  for (int64_t k = 0; k < steps; ++k) {
     V bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = I::load(b + v * I::W);
+    for (int v = 0; v < NV; ++v) bv[v] = I::loadw(b + v * I::W);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const V av = I::bcast(a + i * rs);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = I::fma(av, bv[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = I::dot(av, bv[v], acc[i][v]);
     }
     b += NV * I::W;
     a += cs;
@@ -218,12 +259,14 @@ template <class I, typename T>
 void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
                   float* a_buf) {
   static const KernelTable<I, T> table;
+  using Word = typename I::Word;
   const int64_t K = p.K, N = p.N, kc = pb.kc, Np = padded_n<I>(N);
-  const float* bdata = static_cast<const float*>(pb.data);
+  const Word* bdata = static_cast<const Word*>(pb.data);
   // A is read where it lies when it is float32, unmasked and has a unit stride along k or
   // along i; otherwise each MR x kc sliver is packed (converted, masked) once and reused for
   // every panel of the chunk.
   const bool pack_a = !std::is_same_v<T, float> || p.a_mask_y.p != nullptr || (p.a.cs != 1 && p.a.rs != 1);
+  static_assert(I::KPACK == 1 || !std::is_same_v<T, float>, "k pairs are for bfloat16 only");
   // Panels per chunk: the chunk's kc x width B-block fits half of L2.
   const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (std::max<int64_t>(kc, 1) * I::NR));
   const T* bias = static_cast<const T*>(p.epi.bias);
@@ -233,8 +276,8 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
     const int64_t c1 = std::min(p1, c0 + chunk);
     for (int64_t q = 0; q < nblocks; ++q) {
-      const int64_t k0 = q * kc, kcb = std::min(kc, K - k0);
-      const float* block = bdata + k0 * Np;
+      const int64_t k0 = q * kc, kcb = std::min(kc, K - k0), kcw = (kcb + I::KPACK - 1) / I::KPACK;
+      const Word* block = bdata + k0 / I::KPACK * Np;
       for (int64_t i = r0; i < r1; i += I::MR) {
         const int R = static_cast<int>(std::min<int64_t>(I::MR, r1 - i));
         TileArgs t;
@@ -245,7 +288,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
           t.rs_a = 1;
           t.cs_a = I::MR;
         } else {
-          t.a = static_cast<const float*>(p.a.p) + i * p.a.rs + k0 * p.a.cs;
+          t.a = static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs;
           t.rs_a = p.a.rs;
           t.cs_a = p.a.cs;
         }
@@ -258,7 +301,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
           const int64_t j0 = jp * I::NR;
           const int64_t w = std::min<int64_t>(I::NR, N - j0);
           const int NV = static_cast<int>((w + I::W - 1) / I::W);
-          t.b = block + kcb * j0;
+          t.b = block + kcw * j0;
           t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
           t.nlast = static_cast<int>(w - (NV - 1) * I::W);
           t.bias = bias ? bias + j0 : nullptr;
@@ -271,8 +314,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
 }
 
 template <class I>
-void pack_b_any(const Problem& p, void* dst, int64_t p0, int64_t p1) {
-  float* d = static_cast<float*>(dst);
+void pack_b_any(const Problem& p, void* d, int64_t p0, int64_t p1) {
   switch (p.dtype) {
     case DType::F32: return pack_b_panels<I, float>(p, d, p0, p1);
     case DType::BF16: return pack_b_panels<I, bf16_t>(p, d, p0, p1);
