@@ -16,21 +16,27 @@
 // The shared layer's gradient, summed over its d uses, is ONE GEMM whose reduction runs over all
 // d * M rows: G is stored like acts, G_k in rows k M .. (k + 1) M, so the two stacks line up.
 //
-// Why this is faster than per-layer ops (stock or fused) at small sizes: the whole pass is two or
-// three parallel regions instead of ~10 ops and autograd nodes a layer, and the threads are used
-// where they pay. ATen splits each small GEMM across threads itself, which scales badly (measured
-// on 2 cores at the seed's shape: grad_w_in = g.T @ x takes 178 us on 2 threads and 138 us on 1;
-// 100 x 100 layers are slower on 2 threads than on 1). Here each thread runs single-threaded
-// GEMMs (the BLAS runs serially inside a parallel region) on its own share:
-//   forward after the input layer, backward chain: rows of the batch. Rows are independent
-//     through the whole network, so one parallel region carries a block of rows from h_0 to out
-//     (or from grad_out to G_0 and grad_x) with no synchronisation between layers. The input
-//     layer's GEMM (x is wide) is left to the BLAS's own threading, which splits it better.
-//   weight gradients: output rows of each grad_w (hidden units, output units). Each thread owns
-//     whole rows of every weight gradient and whole bias-gradient columns, so nothing is summed
-//     across threads: no reduction step, and the bias sums (double accumulators, rows in order)
-//     are the same bits for any thread count.
-// Work below kMinTaskFlops is not split (waking a thread costs more than it saves).
+// Two implementations of the same plan:
+//
+// With the GEMM engine (gemm.h: float32, bfloat16, float16 on AVX2/AVX-512 CPUs), each pass is
+// two parallel regions: one packs every weight operand - the hidden layer's w_h once for all
+// its d uses (and once more, untransposed, for the backward chain) - and one computes. The
+// forward carries each thread's block of batch rows from x through h_0..h_d to out without
+// synchronising between layers (when the batch gives every thread two 6-row tiles; else layer
+// by layer, each split over its columns). The backward chain does the same from grad_out down
+// to G_0 and grad_x, ReLU's mask applied in each GEMM's store; the weight gradients then split
+// by their rows (hidden units, output units) with the bias sums of the same units. Nothing is
+// summed across threads and K is never split: the same bits for any thread count.
+//
+// With ATen (float64, DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-
+// threaded BLAS GEMMs (the BLAS runs serially inside a parallel region) plus separate mask and
+// bias passes; the input layer's GEMM is left to the BLAS's own threading (measured at the
+// seed's shape: 87 us against 100 us split by rows). ATen splits small GEMMs across threads
+// badly on its own (seed shape, 2 cores: grad_w_in = g.T @ x 178 us on 2 threads, 138 us on 1).
+//
+// Why this is faster than per-layer ops (stock or fused) at small sizes: a handful of parallel
+// regions instead of ~10 ops and autograd nodes a layer, and threads used where they pay. Work
+// below gemm.cpp's kMinTaskFlops is not split (waking a thread costs more than it saves).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -42,13 +48,7 @@
 namespace dynnet {
 namespace {
 
-constexpr double kMinTaskFlops = 4e5;  // ~5 us of one core's GEMM throughput
-
-// Number of tasks for `flops` of evenly divisible work: one per thread, fewer when small.
-int64_t num_tasks(double flops) {
-  const auto by_work = static_cast<int64_t>(flops / kMinTaskFlops);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
-}
+using gemm::num_tasks;  // one rule for when a thread pays, shared with the engine
 
 // [begin, end) of task t's share when n items are split into `tasks` near-equal contiguous parts.
 std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t tasks) { return {n * t / tasks, n * (t + 1) / tasks}; }
@@ -109,7 +109,7 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
   std::vector<const gemm::Problem*> chain;
   for (const auto& p : layers) chain.push_back(&p);
 
-  const int64_t T = gemm::num_tasks(2.0 * M * (H * D_in + depth * H * H + H * D_out));
+  const int64_t T = num_tasks(2.0 * M * (H * D_in + depth * H * H + H * D_out));
   // Pack w_in, w_h (once) and w_out; every hidden layer reads the same packed w_h.
   std::vector<const gemm::Problem*> to_pack = {chain.front()};
   if (depth > 0) to_pack.push_back(chain[1]);
@@ -180,7 +180,7 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   double flops = 0;
   for (const gemm::Problem* p : to_pack) flops += 2.0 * p->M * p->N * p->K;
   flops += 2.0 * std::max<int64_t>(depth - 1, 0) * M * H * H;  // the hidden layers packed once
-  const int64_t T = gemm::num_tasks(flops);
+  const int64_t T = num_tasks(flops);
   const std::vector<gemm::PackedB> packed = gemm::pack_b(k, to_pack, T > 1);
   if (!chain.empty()) {
     std::vector<const gemm::Problem*> layers;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "gemm_api.h"
 
@@ -23,6 +24,7 @@ namespace {
 
 struct Avx2 {
   static constexpr int W = 8, MR = 6, NVMAX = 2, NR = NVMAX * W;
+  static constexpr int64_t MC = 16 * MR;  // rows of A packed together (masked or converted A)
   static constexpr int64_t KC = 256, L2_FLOATS = 1 << 18;
   using V = __m256;
   using Word = float;  // one k per packed element

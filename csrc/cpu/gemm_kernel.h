@@ -140,35 +140,95 @@ void pack_b_panels(const Problem& p, void* dst_, int64_t p0, int64_t p1) {
   }
 }
 
-// A's rows [i0, i0 + R) x columns [k0, k0 + kcb) into dst[k * MR + i], converted to fp32 and
-// masked (ReLU's backward: where y <= 0 the gradient is 0) when the problem says so.
+// A's rows [i0, i0 + R) x columns [k0, k0 + kcb), converted to fp32 and masked (ReLU's
+// backward: where y <= 0 the gradient is 0; NaN in y keeps it) when the problem says so, into a
+// sliver the micro-kernel reads through strides; returns them (rs, cs). The layout follows the
+// source so that both sides stay contiguous and the copy runs on vectors: a row-major A (grad_y
+// in grad_x = g @ W) gives rows of kcb, a column-major A (grad_y.T in grad_W = g.T @ x) gives
+// MR-wide columns. bfloat16 k-pairs (KPACK 2): word (kk, i) = A(i, 2 kk) | A(i, 2 kk + 1) << 16.
 template <class I, typename T>
-void pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb, void* dst_) {
+std::pair<int64_t, int64_t> pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb, void* dst_) {
   const T* a = static_cast<const T*>(p.a.p);
   const T* m = static_cast<const T*>(p.a_mask_y.p);
-  if constexpr (I::KPACK == 2) {  // bfloat16 pairs: word (kk, i) = A(i, 2 kk) | A(i, 2 kk + 1) << 16
+  const View& av = p.a;
+  const View& mv = p.a_mask_y;
+  if constexpr (I::KPACK == 2) {
     uint32_t* dst = static_cast<uint32_t*>(dst_);
     const auto bits = [&](const T* ar, const T* mr, int64_t k) -> uint32_t {
-      if (k >= kcb || (m && to_f32(mr[k * p.a_mask_y.cs]) <= 0.f)) return 0;  // NaN in y keeps the value
-      return ar[k * p.a.cs].x;
+      if (k >= kcb || (m && to_f32(mr[k * mv.cs]) <= 0.f)) return 0;
+      return ar[k * av.cs].x;
     };
     for (int i = 0; i < R; ++i) {
-      const T* ar = a + (i0 + i) * p.a.rs + k0 * p.a.cs;
-      const T* mr = m ? m + (i0 + i) * p.a_mask_y.rs + k0 * p.a_mask_y.cs : nullptr;
+      const T* ar = a + (i0 + i) * av.rs + k0 * av.cs;
+      const T* mr = m ? m + (i0 + i) * mv.rs + k0 * mv.cs : nullptr;
       for (int64_t kk = 0; kk < (kcb + 1) / 2; ++kk)
         dst[kk * I::MR + i] = bits(ar, mr, 2 * kk) | bits(ar, mr, 2 * kk + 1) << 16;
     }
-    return;
+    return {1, I::MR};
+  } else {
+    float* dst = static_cast<float*>(dst_);
+    if (av.cs == 1 && (!m || mv.cs == 1)) {  // rows along k
+      for (int i = 0; i < R; ++i) {
+        const T* ar = a + (i0 + i) * av.rs + k0;
+        const T* mr = m ? m + (i0 + i) * mv.rs + k0 : nullptr;
+        for (int64_t k = 0; k < kcb; k += I::W) {
+          const int n = static_cast<int>(std::min<int64_t>(I::W, kcb - k));
+          typename I::V v = I::load(ar + k, n);
+          if (m) v = I::mask_le0(I::load(mr + k, n), v);
+          I::store(dst + i * kcb + k, v, n);
+        }
+      }
+      return {kcb, 1};
+    }
+    if (av.rs == 1 && (!m || mv.rs == 1)) {  // columns along i, R <= MR <= W of them
+      for (int64_t k = 0; k < kcb; ++k) {
+        typename I::V v = I::load(a + i0 + (k0 + k) * av.cs, R);
+        if (m) v = I::mask_le0(I::load(m + i0 + (k0 + k) * mv.cs, R), v);
+        I::store(dst + k * I::MR, v, R);
+      }
+      return {1, I::MR};
+    }
+    for (int i = 0; i < R; ++i) {  // any other strides, element by element
+      const T* ar = a + (i0 + i) * av.rs + k0 * av.cs;
+      const T* mr = m ? m + (i0 + i) * mv.rs + k0 * mv.cs : nullptr;
+      for (int64_t k = 0; k < kcb; ++k) {
+        const float v = to_f32(ar[k * av.cs]);
+        dst[k * I::MR + i] = (m && to_f32(mr[k * mv.cs]) <= 0.f) ? 0.f : v;
+      }
+    }
+    return {1, I::MR};
   }
-  float* dst = static_cast<float*>(dst_);
-  for (int i = 0; i < R; ++i) {
-    const T* ar = a + (i0 + i) * p.a.rs + k0 * p.a.cs;
-    const T* mr = m ? m + (i0 + i) * p.a_mask_y.rs + k0 * p.a_mask_y.cs : nullptr;
-    for (int64_t k = 0; k < kcb; ++k) {
-      const float v = to_f32(ar[k * p.a.cs]);
-      dst[k * I::MR + i] = (m && to_f32(mr[k * p.a_mask_y.cs]) <= 0.f) ? 0.f : v;  // NaN in y keeps v
+}
+
+// The slivers of rows [ib, ie) (row tiles of MR, the last maybe shorter), tile t's at
+// dst + t * MR * kcw words; returns the slivers' (rs, cs). A column-major A is read k by k across
+// the whole block (one contiguous run of source per k instead of a few elements of each of kcb
+// cache lines per tile, which thrash L1 when the source's row stride is a large power of 2).
+template <class I, typename T>
+std::pair<int64_t, int64_t> pack_a_block(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_t kcb,
+                                         typename I::Word* dst) {
+  const int64_t kcw = (kcb + I::KPACK - 1) / I::KPACK;
+  const T* m = static_cast<const T*>(p.a_mask_y.p);
+  if constexpr (I::KPACK == 1) {
+    if (p.a.rs == 1 && p.a.cs != 1 && (!m || p.a_mask_y.rs == 1)) {
+      const T* a = static_cast<const T*>(p.a.p);
+      for (int64_t k = 0; k < kcb; ++k) {
+        const T* ak = a + (k0 + k) * p.a.cs;
+        const T* mk = m ? m + (k0 + k) * p.a_mask_y.cs : nullptr;
+        for (int64_t i = ib; i < ie; i += I::MR) {
+          const int R = static_cast<int>(std::min<int64_t>(I::MR, ie - i));
+          typename I::V v = I::load(ak + i, R);
+          if (m) v = I::mask_le0(I::load(mk + i, R), v);
+          I::store(dst + (i - ib) * kcw + k * I::MR, v, R);
+        }
+      }
+      return {1, I::MR};
     }
   }
+  std::pair<int64_t, int64_t> strides{1, I::MR};
+  for (int64_t i = ib; i < ie; i += I::MR)
+    strides = pack_a_sliver<I, T>(p, i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), k0, kcb, dst + (i - ib) * kcw);
+  return strides;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -263,10 +323,11 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   const int64_t K = p.K, N = p.N, kc = pb.kc, Np = padded_n<I>(N);
   const Word* bdata = static_cast<const Word*>(pb.data);
   // A is read where it lies when it is float32, unmasked and has a unit stride along k or
-  // along i; otherwise each MR x kc sliver is packed (converted, masked) once and reused for
-  // every panel of the chunk.
+  // along i; otherwise it is packed (converted, masked) MC rows at a time, each MR x kc sliver
+  // reused for every panel of the chunk.
   const bool pack_a = !std::is_same_v<T, float> || p.a_mask_y.p != nullptr || (p.a.cs != 1 && p.a.rs != 1);
   static_assert(I::KPACK == 1 || !std::is_same_v<T, float>, "k pairs are for bfloat16 only");
+  static_assert(I::MR <= I::W, "a column of an A sliver is one vector");
   // Panels per chunk: the chunk's kc x width B-block fits half of L2.
   const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (std::max<int64_t>(kc, 1) * I::NR));
   const T* bias = static_cast<const T*>(p.epi.bias);
@@ -278,35 +339,34 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
     for (int64_t q = 0; q < nblocks; ++q) {
       const int64_t k0 = q * kc, kcb = std::min(kc, K - k0), kcw = (kcb + I::KPACK - 1) / I::KPACK;
       const Word* block = bdata + k0 / I::KPACK * Np;
-      for (int64_t i = r0; i < r1; i += I::MR) {
-        const int R = static_cast<int>(std::min<int64_t>(I::MR, r1 - i));
-        TileArgs t;
-        t.kcb = kcb;
-        if (pack_a) {
-          pack_a_sliver<I, T>(p, i, R, k0, kcb, a_buf);
-          t.a = a_buf;
-          t.rs_a = 1;
-          t.cs_a = I::MR;
-        } else {
-          t.a = static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs;
-          t.rs_a = p.a.rs;
-          t.cs_a = p.a.cs;
-        }
-        t.ldc = p.ldc;
-        t.ldm = p.epi.mask_y.rs;
-        t.relu = p.epi.relu;
-        t.first = q == 0;
-        t.last = q == nblocks - 1;
-        for (int64_t jp = c0; jp < c1; ++jp) {
-          const int64_t j0 = jp * I::NR;
-          const int64_t w = std::min<int64_t>(I::NR, N - j0);
-          const int NV = static_cast<int>((w + I::W - 1) / I::W);
-          t.b = block + kcw * j0;
-          t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
-          t.nlast = static_cast<int>(w - (NV - 1) * I::W);
-          t.bias = bias ? bias + j0 : nullptr;
-          t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
-          table.fn[R - 1][NV - 1](t);
+      for (int64_t ib = r0; ib < r1; ib += I::MC) {
+        const int64_t ie = std::min(r1, ib + I::MC);
+        std::pair<int64_t, int64_t> a_strides{p.a.rs, p.a.cs};
+        if (pack_a) a_strides = pack_a_block<I, T>(p, ib, ie, k0, kcb, reinterpret_cast<Word*>(a_buf));
+        for (int64_t i = ib; i < ie; i += I::MR) {
+          const int R = static_cast<int>(std::min<int64_t>(I::MR, ie - i));
+          TileArgs t;
+          t.kcb = kcb;
+          t.a = pack_a ? static_cast<const void*>(reinterpret_cast<const Word*>(a_buf) + (i - ib) * kcw)
+                       : static_cast<const void*>(static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs);
+          t.rs_a = a_strides.first;
+          t.cs_a = a_strides.second;
+          t.ldc = p.ldc;
+          t.ldm = p.epi.mask_y.rs;
+          t.relu = p.epi.relu;
+          t.first = q == 0;
+          t.last = q == nblocks - 1;
+          for (int64_t jp = c0; jp < c1; ++jp) {
+            const int64_t j0 = jp * I::NR;
+            const int64_t w = std::min<int64_t>(I::NR, N - j0);
+            const int NV = static_cast<int>((w + I::W - 1) / I::W);
+            t.b = block + kcw * j0;
+            t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
+            t.nlast = static_cast<int>(w - (NV - 1) * I::W);
+            t.bias = bias ? bias + j0 : nullptr;
+            t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
+            table.fn[R - 1][NV - 1](t);
+          }
         }
       }
     }
@@ -353,8 +413,8 @@ double fma_loop(int64_t iters) {
 }
 
 template <class I>
-size_t scratch_floats(DType dtype, int64_t K) {
-  return static_cast<size_t>(I::MR * kc_for<I>(dtype, K));
+size_t scratch_floats(DType dtype, int64_t K) {  // one block of A slivers
+  return static_cast<size_t>(I::MC * kc_for<I>(dtype, K));
 }
 
 template <class I>

@@ -1,21 +1,23 @@
 // CPU kernels of dynnet::linear_relu and dynnet::linear_relu_backward.
 //
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):
-//   y = x2 @ weight.T      one GEMM (ATen's: MKL / oneDNN / OpenBLAS), written straight into y
-//   y = act(y + bias)      one in-place epilogue pass, rows split across threads
-// The GEMM is not ours on purpose: no hand-written CPU GEMM beats the vendor BLAS. What fusion
-// removes is everything around it: stock nn.Linear + ReLU copies the bias into the output
-// before the GEMM and runs ReLU as a second full pass and a second autograd node. Here bias
-// and activation share one pass over y, which at the seed's size (64 x 100) is still in cache.
-// Half types are the exception: their bias goes into the GEMM's fp32 accumulator (addmm), so y
-// is rounded once, as stock does, and only the ReLU is left for the pass.
+//   y = act(x2 @ weight.T + bias)
+// float32, bfloat16, float16 (on an AVX2 or AVX-512 CPU): one GEMM of the project's engine
+// (gemm.h): weight.T packed into panels, x read where it lies, bias + ReLU + rounding to the
+// dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
+// the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
+// float64, or DYNNET_EXT_CPU_GEMM=aten: ATen's GEMM (MKL) into y, then one in-place pass for
+// bias and activation (half types: bias inside addmm's accumulator, so still rounded once).
 //
-// Backward, g = (y <= 0 ? 0 : grad_y):
-//   one pass over the rows writes g and reduces grad_bias (accumulated in acc_type: double for
-//   float, float for half types; columns split across threads, so the sum order is fixed and
-//   results are deterministic), then grad_x = g @ weight and grad_weight = g.T @ x as two
-//   GEMMs, run side by side one thread each when both are wanted. Gradients not asked for are
-//   neither computed nor allocated.
+// Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'):
+//   grad_bias = column sums of g, one pass (accumulated in acc_type: double for float, float
+//     for half types; columns split across threads, so the sum order is fixed);
+//   grad_x = g @ weight, grad_weight = g.T @ x.
+// With the engine, g is never written: ReLU's mask is applied while grad_y is packed as each
+// GEMM's A operand, and both GEMMs are packed in one parallel region and computed in another,
+// each split across the threads. With ATen, one pass writes g (and grad_bias), then the two
+// GEMMs run side by side, one thread each. Gradients not asked for are neither computed nor
+// allocated.
 //
 // NaN behaves as in stock PyTorch (see kernels.h).
 
