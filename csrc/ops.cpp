@@ -70,7 +70,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");
   module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
              pybind11::arg("seconds") = 0.2,
-             "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads: the cores' ceiling");
+             "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;
