@@ -40,6 +40,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <functional>
 #include <torch/library.h>
 
 #include "gemm.h"
@@ -76,21 +78,23 @@ gemm::Problem linear_problem(const gemm::Kernels* k, const at::Tensor& a, const 
   return p;
 }
 
-// Runs `layers` in order (each reads the previous one's output) on all rows: by row blocks in one
-// region when the batch allows, else one layer at a time split across the threads.
-void run_chain(const gemm::Kernels* k, const std::vector<const gemm::Problem*>& layers,
-               const std::vector<gemm::PackedB>& packed, int64_t M, int64_t T) {
+// The phases that run `layers` in order (each reads the previous one's output) on all rows: one
+// phase carrying each task's block of rows through every layer when the batch gives every task
+// two row tiles, else one phase per layer, each split across the tasks.
+void add_chain_phases(std::vector<std::function<void(int64_t)>>& phases, const gemm::Kernels* k,
+                      const std::vector<const gemm::Problem*>& layers, const std::vector<gemm::PackedB>& packed,
+                      int64_t M, int64_t T) {
   if (T > 1 && M >= 2 * k->mr * T) {
-    parallel_tasks(T, [&](int64_t t) {
+    phases.emplace_back([&layers, &packed, k, M, T](int64_t t) {
       const auto [r0, r1] = share(M, t, T);
       for (size_t i = 0; i < layers.size(); ++i) gemm::compute_rows(k, *layers[i], packed[i], r0, r1);
     });
     return;
   }
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const auto task = [&](int64_t t) { gemm::compute(k, *layers[i], packed[i], gemm::split(k, *layers[i], t, T)); };
-    T > 1 ? parallel_tasks(T, task) : task(0);
-  }
+  for (size_t i = 0; i < layers.size(); ++i)
+    phases.emplace_back([&layers, &packed, k, T, i](int64_t t) {
+      gemm::compute(k, *layers[i], packed[i], gemm::split(k, *layers[i], t, T));
+    });
 }
 
 void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, const at::Tensor& w_in,
@@ -114,11 +118,13 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
   std::vector<const gemm::Problem*> to_pack = {chain.front()};
   if (depth > 0) to_pack.push_back(chain[1]);
   to_pack.push_back(chain.back());
-  const std::vector<gemm::PackedB> packed_once = gemm::pack_b(k, to_pack, T > 1);
+  const gemm::BPack pack(k, to_pack);
   std::vector<gemm::PackedB> packed;
   for (size_t i = 0; i < chain.size(); ++i)
-    packed.push_back(i == 0 ? packed_once.front() : i + 1 == chain.size() ? packed_once.back() : packed_once[1]);
-  run_chain(k, chain, packed, M, T);
+    packed.push_back(i == 0 ? pack[0] : i + 1 == chain.size() ? pack[to_pack.size() - 1] : pack[1]);
+  std::vector<std::function<void(int64_t)>> phases = {[&](int64_t t) { pack.run(t, T); }};
+  add_chain_phases(phases, k, chain, packed, M, T);
+  gemm::run_phases(T, phases);
 }
 
 void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, const at::Tensor& x2,
@@ -181,31 +187,31 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   for (const gemm::Problem* p : to_pack) flops += 2.0 * p->M * p->N * p->K;
   flops += 2.0 * std::max<int64_t>(depth - 1, 0) * M * H * H;  // the hidden layers packed once
   const int64_t T = num_tasks(flops);
-  const std::vector<gemm::PackedB> packed = gemm::pack_b(k, to_pack, T > 1);
-  if (!chain.empty()) {
-    std::vector<const gemm::Problem*> layers;
-    std::vector<gemm::PackedB> layer_b;
-    for (size_t i = 0; i < chain.size(); ++i) {
-      layers.push_back(&chain[i]);
-      layer_b.push_back(packed[chain_b[i]]);
-    }
-    run_chain(k, layers, layer_b, M, T);
+  const gemm::BPack pack(k, to_pack);
+  std::vector<std::function<void(int64_t)>> phases = {[&](int64_t t) { pack.run(t, T); }};
+  std::vector<const gemm::Problem*> layers;
+  std::vector<gemm::PackedB> layer_b;
+  for (size_t i = 0; i < chain.size(); ++i) {
+    layers.push_back(&chain[i]);
+    layer_b.push_back(pack[chain_b[i]]);
   }
+  if (!chain.empty()) add_chain_phases(phases, k, layers, layer_b, M, T);
 
   // Weight gradients split by rows of each (hidden or output units), bias sums by units too:
   // each thread owns whole rows and whole bias columns, nothing is summed across threads.
+  // All of it - packing, chain, weight gradients - is one parallel region (gemm::run_phases).
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "dynamic_net_backward_cpu", [&] {
-    const auto task = [&](int64_t t) {
+    phases.emplace_back([&](int64_t t) {
       for (size_t i = 0; i < weights.size(); ++i)
-        gemm::compute(k, weights[i], packed[first_weight + i], gemm::split(k, weights[i], t, T));
+        gemm::compute(k, weights[i], pack[first_weight + i], gemm::split(k, weights[i], t, T));
       const auto [u0, u1] = share(H, t, T);
       const auto [o0, o1] = share(D_out, t, T);
       const scalar_t* Gp = need_g ? G.const_data_ptr<scalar_t>() : nullptr;
       if (need[kBIn] && u1 > u0) column_sums(Gp, H, M, u0, u1, gb_in.data_ptr<scalar_t>() + u0);
       if (hidden && need[kBH] && u1 > u0) column_sums(Gp + M * H, H, depth * M, u0, u1, gb_h.data_ptr<scalar_t>() + u0);
       if (need[kBOut] && o1 > o0) column_sums(go.const_data_ptr<scalar_t>(), D_out, M, o0, o1, gb_out.data_ptr<scalar_t>() + o0);
-    };
-    T > 1 ? parallel_tasks(T, task) : task(0);
+    });
+    gemm::run_phases(T, phases);
   });
 }
 

@@ -28,11 +28,16 @@
 
 #include "gemm.h"
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <time.h>
 
 #include <atomic>
+#include <exception>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -168,44 +173,82 @@ int64_t num_tasks(double flops) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
 }
 
-std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel) {
+BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_(k), problems_(problems) {
   thread_local Buffer buf;
-  std::vector<PackedB> packed(problems.size());
   std::vector<size_t> offset(problems.size() + 1, 0);
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = *problems[i];
     offset[i + 1] = offset[i] + (k->packed_b_bytes(p.dtype, p.K, p.N) + 63) / 64 * 64;
   }
   char* base = buf.get(offset.back());
-  // Work units: (problem, panel), in order; cost ~ K x panel width.
-  std::vector<std::pair<size_t, int64_t>> units;
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = *problems[i];
-    packed[i] = {base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr};
-    for (int64_t q = 0; q < packed[i].panels(); ++q) units.emplace_back(i, q);
+    packed_.push_back({base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr});
+    for (int64_t q = 0; q < packed_[i].panels(); ++q) units_.emplace_back(i, q);
   }
-  double elements = 0;
-  for (const Problem* p : problems) elements += double(p->K) * p->N;
-  // Packing moves ~1 element per ns per core; below ~16K elements a second thread does not pay.
-  const int64_t tasks =
-      parallel && !at::in_parallel_region() ? std::min<int64_t>(at::get_num_threads(), int64_t(elements / 16384) + 1) : 1;
-  const auto run_units = [&](size_t u0, size_t u1) {
-    for (size_t u = u0; u < u1;) {  // consecutive panels of one problem in one call
-      const size_t i = units[u].first;
-      size_t v = u;
-      while (v < u1 && units[v].first == i) ++v;
-      k->pack_b(*problems[i], const_cast<void*>(packed[i].data), units[u].second, units[v - 1].second + 1);
-      u = v;
+}
+
+void BPack::run(int64_t t, int64_t T) const {
+  const size_t n = units_.size(), u0 = n * t / T, u1 = n * (t + 1) / T;
+  for (size_t u = u0; u < u1;) {  // consecutive panels of one problem in one call
+    const size_t i = units_[u].first;
+    size_t v = u;
+    while (v < u1 && units_[v].first == i) ++v;
+    k_->pack_b(*problems_[i], const_cast<void*>(packed_[i].data), units_[u].second, units_[v - 1].second + 1);
+    u = v;
+  }
+}
+
+void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases) {
+  if (T <= 1) {
+    for (const auto& phase : phases) phase(0);
+    return;
+  }
+  std::exception_ptr error;
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  const auto guarded = [&](const std::function<void(int64_t)>& phase, int64_t t) {
+    try {  // a task that throws must still reach the barriers, or the others would wait forever
+      if (!error) phase(t);
+    } catch (...) {
+      if (!failed.test_and_set()) error = std::current_exception();
     }
   };
-  const int64_t n = static_cast<int64_t>(units.size());
-  if (tasks <= 1 || n < 2) {
-    run_units(0, units.size());
-  } else {
-    const int64_t T = std::min(tasks, n);
-    parallel_tasks(T, [&](int64_t t) { run_units(size_t(n * t / T), size_t(n * (t + 1) / T)); });
-  }
-  return packed;
+  size_t done = 0;  // phases finished for every task
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP
+  // One region, a barrier between phases, when torch's OpenMP team has exactly T threads and
+  // each runs one task (at::parallel_for gives every thread one chunk of a T-long range then);
+  // every thread sees the same team, so all take the same branch.
+  std::atomic<int64_t> synced{0};
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::NoGradGuard no_grad;
+    if (!(omp_in_parallel() && omp_get_num_threads() == T && end - begin == 1)) {
+      for (int64_t t = begin; t < end; ++t) guarded(*phases.begin(), t);
+      return;
+    }
+    bool first = true;
+    for (const auto& phase : phases) {
+      if (!first) {
+#pragma omp barrier
+      }
+      first = false;
+      guarded(phase, begin);
+    }
+    synced.fetch_add(1);
+  });
+  done = synced.load() == T ? phases.size() : 1;
+#endif
+  size_t i = 0;
+  for (const auto& phase : phases)  // one region per phase left
+    if (i++ >= done) parallel_tasks(T, [&](int64_t t) { guarded(phase, t); });
+  if (error) std::rethrow_exception(error);
+}
+
+std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel) {
+  const BPack pack(k, problems);
+  const int64_t T = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  run_phases(T, {[&](int64_t t) { pack.run(t, T); }});
+  return pack.packed();
 }
 
 Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T) {
@@ -257,12 +300,12 @@ void run(const Kernels* k, const std::vector<const Problem*>& problems) {
   double flops = 0;
   for (const Problem* p : problems) flops += 2.0 * p->M * p->N * std::max<int64_t>(p->K, 1);
   const int64_t T = num_tasks(flops);
-  const std::vector<PackedB> packed = pack_b(k, problems, T > 1);
-  const auto task = [&](int64_t t) {
-    for (size_t i = 0; i < problems.size(); ++i) compute(k, *problems[i], packed[i], split(k, *problems[i], t, T));
-  };
-  if (T == 1) return task(0);
-  parallel_tasks(T, task);
+  const BPack pack(k, problems);
+  run_phases(T, {[&](int64_t t) { pack.run(t, T); },
+                 [&](int64_t t) {
+                   for (size_t i = 0; i < problems.size(); ++i)
+                     compute(k, *problems[i], pack[i], split(k, *problems[i], t, T));
+                 }});
 }
 
 }  // namespace gemm

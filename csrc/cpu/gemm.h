@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "gemm_api.h"
@@ -35,8 +37,29 @@ inline View view_of(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(
 // Its transpose as a View, without a copy.
 inline View view_of_t(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(1), t.stride(0)}; }
 
-// Packs the B operand of each problem (panels split across the threads when `parallel`) into
-// memory owned by the calling thread and valid until its next pack_b call.
+// The packed B operands of several problems, in memory owned by the calling thread (valid until
+// its next BPack), packed by run(t, T): task t of T packs its share of all the panels.
+class BPack {
+ public:
+  BPack(const Kernels* k, const std::vector<const Problem*>& problems);
+  void run(int64_t t, int64_t T) const;
+  const PackedB& operator[](size_t i) const { return packed_[i]; }
+  const std::vector<PackedB>& packed() const { return packed_; }
+
+ private:
+  const Kernels* k_;
+  std::vector<const Problem*> problems_;
+  std::vector<PackedB> packed_;
+  std::vector<std::pair<size_t, int64_t>> units_;  // (problem, panel), in order
+};
+
+// Runs each phase on tasks 0..T-1, a phase finishing on every task before the next starts. In
+// one parallel region with barriers between the phases when torch's OpenMP team has T threads
+// (one region start per op instead of one per phase); else one region per phase. Exceptions are
+// rethrown after the last phase (the remaining work of a failed call is skipped).
+void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases);
+
+// Packs the B operand of each problem (split across the threads when `parallel`).
 std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel);
 
 // Rows x panels rectangle of task t of T for a problem (T near-equal parts, by rows when there
