@@ -65,14 +65,11 @@ at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.n
 // give every thread two row tiles (each thread carries its rows through every layer: no
 // synchronisation between layers), else layer by layer, each layer split across the threads.
 
-gemm::Problem linear_problem(const gemm::Kernels* k, const at::Tensor& a, const at::Tensor& w_t_of,
-                             const at::Tensor& c, const at::Tensor& bias, bool relu) {
-  (void)k;
-  gemm::Problem p;
-  p.M = a.size(0), p.N = c.size(1), p.K = a.size(1), p.dtype = gemm::dtype_of(a.scalar_type());
-  p.a = gemm::view_of(a);
-  p.b = gemm::view_of_t(w_t_of);
-  p.c = c.data_ptr(), p.ldc = c.stride(0);
+// act(a @ w.T + bias) into c (all 2-d; bias undefined for none).
+gemm::Problem linear_problem(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, const at::Tensor& bias,
+                             bool relu) {
+  gemm::Problem p = gemm::product(a.size(0), c.size(1), a.size(1), a.scalar_type(), gemm::view_of(a),
+                                  gemm::view_of_t(w), c.data_ptr(), c.stride(0));
   p.epi.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   p.epi.relu = relu;
   return p;
@@ -106,10 +103,10 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
   const at::Tensor bh = depth > 0 ? b_h->contiguous() : at::Tensor();
   std::vector<gemm::Problem> layers;
   layers.reserve(depth + 2);
-  layers.push_back(linear_problem(k, x2, w_in, rows_of(acts, 0, M), bi, true));
+  layers.push_back(linear_problem(x2, w_in, rows_of(acts, 0, M), bi, true));
   for (int64_t l = 1; l <= depth; ++l)
-    layers.push_back(linear_problem(k, rows_of(acts, (l - 1) * M, l * M), *w_h, rows_of(acts, l * M, (l + 1) * M), bh, true));
-  layers.push_back(linear_problem(k, rows_of(acts, depth * M, (depth + 1) * M), w_out, out2, bo, false));
+    layers.push_back(linear_problem(rows_of(acts, (l - 1) * M, l * M), *w_h, rows_of(acts, l * M, (l + 1) * M), bh, true));
+  layers.push_back(linear_problem(rows_of(acts, depth * M, (depth + 1) * M), w_out, out2, bo, false));
   std::vector<const gemm::Problem*> chain;
   for (const auto& p : layers) chain.push_back(&p);
 
@@ -135,14 +132,11 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   enum { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut };
   const int64_t M = x2.size(0), H = w_in.size(0), D_in = w_in.size(1), D_out = w_out.size(0);
   const bool hidden = depth > 0;
-  const gemm::DType dt = gemm::dtype_of(x2.scalar_type());
   const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));
   const auto options = x2.options().memory_format(at::MemoryFormat::Contiguous);
   const at::Tensor G = need_g ? at::empty({(depth + 1) * M, H}, options) : at::Tensor();
   const auto problem = [&](int64_t m, int64_t n, int64_t kk, gemm::View a, gemm::View b, void* c, int64_t ldc) {
-    gemm::Problem p;
-    p.M = m, p.N = n, p.K = kk, p.dtype = dt, p.a = a, p.b = b, p.c = c, p.ldc = ldc;
-    return p;
+    return gemm::product(m, n, kk, x2.scalar_type(), a, b, c, ldc);
   };
 
   // 1. The chain grad_out -> G_d -> ... -> G_0 (-> grad_x); ReLU's mask applied in each store.

@@ -59,6 +59,16 @@ class BPack {
 // rethrown after the last phase (the remaining work of a failed call is skipped).
 void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases);
 
+// The problem C (M, N) = A (M, K) @ B (K, N), ReLU's backward mask on A when a_mask_y is given,
+// no epilogue (set p.epi after); C row-major at c with row stride ldc.
+inline Problem product(int64_t M, int64_t N, int64_t K, at::ScalarType dtype, View a, View b, void* c, int64_t ldc,
+                       View a_mask_y = {}) {
+  Problem p;
+  p.M = M, p.N = N, p.K = K, p.dtype = dtype_of(dtype);
+  p.a = a, p.b = b, p.a_mask_y = a_mask_y, p.c = c, p.ldc = ldc;
+  return p;
+}
+
 // Packs the B operand of each problem (split across the threads when `parallel`).
 std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel);
 

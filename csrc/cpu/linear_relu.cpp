@@ -138,26 +138,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     }
     at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
     at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
-    const gemm::DType dt = gemm::dtype_of(x.scalar_type());
     const at::Tensor x2 = as_2d(x, M, K);  // held: the problems point into it
-    gemm::Problem px, pw;  // grad_x = g @ weight, grad_weight = g.T @ x
+    const gemm::View no_mask;
+    // grad_x = g @ weight, grad_weight = g.T @ x, with g = mask(grad_y) made while packing.
+    const gemm::Problem px = gemm::product(M, K, N, x.scalar_type(), gemm::view_of(gy2), gemm::view_of(weight),
+                                           gx.data_ptr(), K, relu ? gemm::view_of(y2) : no_mask);
+    const gemm::Problem pw = gemm::product(N, K, M, x.scalar_type(), gemm::view_of_t(gy2), gemm::view_of(x2),
+                                           gw.data_ptr(), K, relu ? gemm::view_of_t(y2) : no_mask);
     std::vector<const gemm::Problem*> problems;
-    if (need_gx && M > 0 && K > 0) {
-      px.M = M, px.N = K, px.K = N, px.dtype = dt;
-      px.a = gemm::view_of(gy2);
-      if (relu) px.a_mask_y = gemm::view_of(y2);
-      px.b = gemm::view_of(weight);
-      px.c = gx.data_ptr(), px.ldc = K;
-      problems.push_back(&px);
-    }
-    if (need_gw && N > 0 && K > 0) {
-      pw.M = N, pw.N = K, pw.K = M, pw.dtype = dt;
-      pw.a = gemm::view_of_t(gy2);
-      if (relu) pw.a_mask_y = gemm::view_of_t(y2);
-      pw.b = gemm::view_of(x2);
-      pw.c = gw.data_ptr(), pw.ldc = K;
-      problems.push_back(&pw);
-    }
+    if (need_gx && M > 0 && K > 0) problems.push_back(&px);
+    if (need_gw && N > 0 && K > 0) problems.push_back(&pw);
     if (!problems.empty()) gemm::run(kern, problems);
     return {gx, gw, gb};
   }
@@ -211,11 +201,8 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
   if (M == 0 || N == 0) return;
   if (const gemm::Kernels* kern = gemm::kernels_for(x2.scalar_type())) {
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    gemm::Problem p;
-    p.M = M, p.N = N, p.K = x2.size(1), p.dtype = gemm::dtype_of(x2.scalar_type());
-    p.a = gemm::view_of(x2);
-    p.b = gemm::view_of_t(weight);
-    p.c = y2.data_ptr(), p.ldc = y2.stride(0);
+    gemm::Problem p = gemm::product(M, N, x2.size(1), x2.scalar_type(), gemm::view_of(x2), gemm::view_of_t(weight),
+                                    y2.data_ptr(), y2.stride(0));
     p.epi.bias = b.defined() ? b.const_data_ptr() : nullptr;
     p.epi.relu = act == Activation::Relu;
     gemm::run(kern, {&p});
