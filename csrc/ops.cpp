@@ -29,6 +29,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "cpu/gemm.h"
 
 namespace dynnet {
 namespace {
@@ -89,6 +90,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     }
     return calls;
   });
+  // The CPU GEMM engine's instruction set (csrc/cpu/gemm.cpp): tests and benchmarks switch it
+  // in-process; DYNNET_EXT_CPU_GEMM sets it at load.
+  module.def("cpu_gemm_isa", &dynnet::gemm::isa, "the CPU GEMM engine in use: avx512, avx2 or aten");
+  module.def("cpu_gemm_kernels", &dynnet::gemm::kernels_name, pybind11::arg("dtype"),
+             "the kernels the CPU ops use now for a dtype name: avx512, avx512_bf16, avx2 or aten");
+  module.def("cpu_gemm_isas", &dynnet::gemm::available_isas, "the CPU GEMM engines this CPU and build can run");
+  module.def("set_cpu_gemm_isa", &dynnet::gemm::set_isa, pybind11::arg("name"),
+             "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");
+  module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
+             pybind11::arg("seconds") = 0.2,
+             "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;
@@ -99,6 +111,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
     info["cuda_archs"] = std::string(DYNNET_CUDA_ARCHS);
     info["torch_version"] = std::string(DYNNET_TORCH_VERSION);  // the torch it was built against
+    // The CPU GEMM engine at load (DYNNET_EXT_CPU_GEMM is read, and rejected if wrong, here).
+    info["cpu_gemm_isa"] = dynnet::gemm::isa();
     return info;
   });
 }

@@ -60,7 +60,12 @@ FULL_SHAPES = (
 
 # (reps, warm-up seconds per implementation and case, target milliseconds per rep)
 SETTINGS = {"quick": (5, 0.05, 2.0), "full": (21, 0.3, 10.0)}
-SCHEMA = 1
+SCHEMA = 2
+# The calibration GEMM run at start: every float32 GEMM engine in reach multiplies these shapes
+# (M x K x N) on all threads, interleaved; the fastest rate is the machine's measured peak, the
+# yardstick of every row's GFLOP/s.
+CALIBRATION_SHAPE = (1024, 1024, 1024)
+CALIBRATION_SETTINGS = {"quick": (3, 0.05, 20.0), "full": (9, 0.3, 50.0)}
 
 
 # ----------------------------------------------------------------------------- options
@@ -500,20 +505,107 @@ def _dims(subject, shape):
 def _row(subject, phase, shape, depth, impl, **fields):
     row = {"subject": subject, "phase": phase, "shape": shape, "dims": _dims(subject, shape), "depth": depth,
            "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
-           "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None}
+           "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None, "gemm_flops": None,
+           "gflops": None, "peak_fraction": None}
     row.update(fields)
     return row
 
 
-def _time_rows(runners, key, device, reps, warmup_s, target_s):
+def gemm_flops(subject, phase, shape, depth):
+    """Multiply-add FLOPs (2 per MAC) of the GEMMs in one timed iteration of a row, the same for
+    every implementation (what stock's autograd computes): layer forward 1 GEMM, backward 2
+    (grad_x and grad_weight: x requires grad), network forward+backward without grad_x (the
+    seed's x needs none); train-step rows average depths 0-3. None for memory rows."""
+    a, b, c = parse_shape(shape)
+    if subject == "layer":
+        return 2 * a * b * c * {"forward": 1, "backward": 2, "forward+backward": 3}[phase]
+    if subject == "memory":
+        return None
+
+    def net(d):  # N x D_in x H, D_OUT outputs, hidden layer used d times
+        forward = a * (b * c + d * c * c + c * D_OUT)
+        chain = a * (D_OUT * c + d * c * c)  # grad_out -> G_d -> ... -> G_0
+        weights = a * (c * b + d * c * c + D_OUT * c)
+        return 2 * (forward + chain + weights)
+
+    if subject == "net":
+        return net(depth)
+    return sum(net(d) for d in DEPTHS) / len(DEPTHS)
+
+
+def _with_rate(row, peak_gflops):
+    flops = gemm_flops(row["subject"], row["phase"], row["shape"], row["depth"])
+    if flops is None or row["median_ms"] is None:
+        return row
+    rate = flops / (row["median_ms"] * 1e-3) / 1e9
+    row.update(gemm_flops=flops, gflops=rate, peak_fraction=rate / peak_gflops if peak_gflops else None)
+    return row
+
+
+def _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops=None):
     samples, iters = measure(runners, device, reps, warmup_s, target_s)
     stock = statistics.median(samples["stock"])
     rows = []
     for impl, ms in samples.items():
         med, p20, p80 = summarize(ms)
-        rows.append(_row(*key, impl, median_ms=med, p20_ms=p20, p80_ms=p80, ratio_vs_stock=stock / med,
-                         reps=len(ms), iters_per_rep=iters, samples_ms=ms))
+        rows.append(_with_rate(_row(*key, impl, median_ms=med, p20_ms=p20, p80_ms=p80, ratio_vs_stock=stock / med,
+                                    reps=len(ms), iters_per_rep=iters, samples_ms=ms), peak_gflops))
     return rows
+
+
+def _calibration_engines(device, a, b, bias):
+    """{engine: fn} of the float32 GEMMs that can run here, each computing a @ b.T."""
+    engines = {"torch.mm": lambda: torch.mm(a, b.t())}
+    if device == "cpu":
+        if torch.backends.mkldnn.is_available():
+            engines["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        from .ops import _C
+        if _C is not None:
+            for isa in _C.cpu_gemm_isas():
+                if isa != "aten":
+                    engines[f"dynnet-{isa}"] = _on_isa(isa, lambda: torch.ops.dynnet.linear_relu(a, b, None, "none"))
+    elif torch.cuda.is_available():
+        engines["dynnet"] = lambda: torch.ops.dynnet.linear_relu(a, b, bias, "none")
+    return engines
+
+
+def _on_isa(isa, fn):
+    from .ops import _C
+
+    def run():
+        previous = _C.set_cpu_gemm_isa(isa)
+        try:
+            return fn()
+        finally:
+            _C.set_cpu_gemm_isa(previous)
+
+    return run
+
+
+def calibrate(device, quick):
+    """The machine's measured GEMM peak: each engine's float32 GFLOP/s at CALIBRATION_SHAPE on
+    all threads (interleaved, median), and the best of them."""
+    M, K, N = CALIBRATION_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(M, K, generator=gen).to(device)
+    b = torch.randn(N, K, generator=gen).to(device)
+    engines = _calibration_engines(device, a, b, torch.zeros(N, device=device))
+    reps, warmup_s, target_ms = CALIBRATION_SETTINGS["quick" if quick else "full"]
+    samples, _ = measure({name: Runner(fn) for name, fn in engines.items()}, device, reps, warmup_s, target_ms / 1e3)
+    flops = 2 * M * K * N
+    gflops = {name: flops / (statistics.median(ms) * 1e-3) / 1e9 for name, ms in samples.items()}
+    best = max(gflops, key=gflops.get)
+    # The hardware's side: a register-only FMA loop (no memory, no GEMM) per instruction set,
+    # on all threads at once. A GEMM can approach it, never pass it.
+    fma = {}
+    if device == "cpu":
+        from .ops import _C
+        if _C is not None:
+            for isa in _C.cpu_gemm_isas():
+                if isa != "aten":
+                    fma[isa] = _C.cpu_fma_peak_gflops(isa, torch.get_num_threads(), 0.05 if quick else 0.2)
+    return {"shape": "x".join(map(str, CALIBRATION_SHAPE)), "gflops": gflops, "peak_gflops": gflops[best],
+            "best_engine": best, "fma_loop_gflops": fma}
 
 
 def _memory_rows(case, key, device):
@@ -539,6 +631,8 @@ def _progress(row):
         text += f"{row['phase']} {row['memory_bytes'] / 1024:.1f} KiB"
     else:
         text += f"{row['median_ms']:.3f} ms"
+        if row.get("gflops") is not None:
+            text += f" {row['gflops']:.0f} GFLOP/s"
     if row["impl"] != "stock" and row["ratio_vs_stock"] is not None:
         text += f" ({row['ratio_vs_stock']:.2f}x)"
     return text
@@ -578,15 +672,21 @@ def run(args):
             print(f"dynnet_ext bench: persample skips {','.join(too_big)} (per-sample gradients over "
                   f"{PERSAMPLE_MAX_BYTES // 2**20} MiB)", file=sys.stderr)
         t_start = time.perf_counter()
-        rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3)
+        calibration = calibrate(device, args.quick)
+        print(f"calibration GEMM {calibration['shape']}: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in calibration["gflops"].items()) + f" GFLOP/s; peak {calibration['peak_gflops']:.0f}",
+            file=sys.stderr)
+        rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3,
+                                 calibration["peak_gflops"])
         config["duration_s"] = round(time.perf_counter() - t_start, 1)
     finally:
         torch.set_num_threads(old_threads)
         if any(i.startswith("compile") for i in impls):
             torch.compiler.reset()
 
-    results = {"schema": SCHEMA, "machine": machine, "config": config, "rows": _sorted(rows, shapes),
-               "errors": errors}
+    results = {"schema": SCHEMA, "machine": machine, "config": config, "calibration": calibration,
+               "rows": _sorted(rows, shapes), "errors": errors}
+    print(format_calibration(calibration))
     print(format_table(results["rows"]))
     print(f"done in {config['duration_s']} s" + (f", {len(errors)} rows FAILED (see above)" if errors else ""),
           file=sys.stderr)
@@ -595,7 +695,7 @@ def run(args):
     return 1 if errors else 0
 
 
-def _run_plan(plan, impls, device, reps, warmup_s, target_s):
+def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None):
     """Measure every planned row. A row whose measurement raises is reported and recorded in
     `errors`, and the run goes on: one failing compile mode must not lose a long GPU run."""
     rows, errors, case, case_key = [], [], None, None
@@ -617,7 +717,7 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s):
                 runners = (case.runners(phase) if subject == "layer" else
                            case.net_runners(depth) if subject == "net" else
                            case.persample_runners(depth) if subject == "persample" else case.step_runners())
-                new = _time_rows(runners, key, device, reps, warmup_s, target_s)
+                new = _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops)
         except Exception as exc:  # noqa: BLE001 - recorded in results.json and the exit code
             message = f"{type(exc).__name__}: {exc}"
             print(f" FAILED: {message}", file=sys.stderr, flush=True)
@@ -637,7 +737,8 @@ def _sorted(rows, shapes):
 
 # ----------------------------------------------------------------------------- outputs
 
-TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "median", "p20-p80", "iters x reps")
+TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "median", "p20-p80", "GFLOP/s",
+                 "of peak", "iters x reps")
 
 
 def _cells(row):
@@ -650,7 +751,9 @@ def _cells(row):
         spread = f"{row['p20_ms']:.4f}-{row['p80_ms']:.4f}"
         count = f"{row['iters_per_rep']} x {row['reps']}"
     depth = "-" if row["depth"] is None else str(row["depth"])
-    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, value, spread, count)
+    rate = "" if row.get("gflops") is None else f"{row['gflops']:.1f}"
+    share = "" if row.get("peak_fraction") is None else f"{100 * row['peak_fraction']:.0f}%"
+    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, value, spread, rate, share, count)
 
 
 def format_table(rows):
@@ -658,7 +761,7 @@ def format_table(rows):
     smaller than stock); a blank line between groups of one subject and phase."""
     cells = [TABLE_COLUMNS] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
-    right = {5, 6, 7, 8}
+    right = {5, 6, 7, 8, 9, 10}
     lines, prev = [], None
     for i, c in enumerate(cells):
         group = c[:2]
@@ -670,9 +773,19 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def format_calibration(calibration):
+    """One line: the calibration GEMM's rate per engine and the peak the rows are measured against."""
+    rates = ", ".join(f"{name} {rate:.0f}" for name, rate in calibration["gflops"].items())
+    fma = ", ".join(f"{isa} {rate:.0f}" for isa, rate in calibration.get("fma_loop_gflops", {}).items())
+    return (f"Machine peak: {calibration['peak_gflops']:.0f} GFLOP/s ({calibration['best_engine']}, float32 GEMM "
+            f"{calibration['shape']} on all threads; engines: {rates} GFLOP/s" +
+            (f"; register-only FMA loop: {fma} GFLOP/s" if fma else "") +
+            "). GFLOP/s columns count the GEMMs' multiply-adds only; % of peak is against the GEMM peak.")
+
+
 def format_markdown(rows):
     """The same table in Markdown (for benchmarks/results/README.md)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 4 + "---|" + "--:|" * 4]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 4 + "---|" + "--:|" * 6]
     lines += ["| " + " | ".join(c or " " for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -690,7 +803,8 @@ def render(results, out, plot=True):
     """OUT/results.md (the Markdown table) and, with plot=True and matplotlib installed,
     OUT/speedup.png, from a results dict (also used by benchmarks/plot.py on a saved run)."""
     out = Path(out)
-    (out / "results.md").write_text(format_markdown(results["rows"]) + "\n")
+    head = format_calibration(results["calibration"]) + "\n\n" if results.get("calibration") else ""
+    (out / "results.md").write_text(head + format_markdown(results["rows"]) + "\n")
     written = [out / "results.md"]
     if plot:
         try:

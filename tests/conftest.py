@@ -55,6 +55,33 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The CPU GEMM engines this machine and build can run (csrc/cpu/gemm.cpp): "avx512", "avx2",
+# "aten" (ATen's BLAS, the path float64 always takes). Op tests run on each of them in-process.
+_C = dynnet_ext.ops._C
+CPU_GEMM_ISAS = list(_C.cpu_gemm_isas()) if _C is not None else []
+
+
+def set_cpu_gemm(isa):
+    """Switch the CPU ops to the GEMM engine `isa` for the rest of the test (None: leave it)."""
+    if isa is not None:
+        _C.set_cpu_gemm_isa(isa)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_gemm():
+    previous = _C.cpu_gemm_isa() if _C is not None else None
+    yield
+    if previous is not None:
+        _C.set_cpu_gemm_isa(previous)
+
+
+@pytest.fixture(params=CPU_GEMM_ISAS or [None])
+def cpu_gemm_isa(request):
+    """Parametrises a test over the CPU GEMM engines (a no-op without compiled kernels)."""
+    set_cpu_gemm(request.param)
+    return request.param
+
+
 class KernelNotRun(AssertionError):
     """A fused-path test's results did not come from dynnet's kernels."""
 

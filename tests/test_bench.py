@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CPU_GEMM_ISAS
 from dynnet_ext import bench
 from dynnet_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "impl", "median_ms", "p20_ms", "p80_ms",
-            "ratio_vs_stock", "reps", "iters_per_rep", "samples_ms", "memory_bytes"}
+            "ratio_vs_stock", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops", "gflops",
+            "peak_fraction"}
 MACHINE_KEYS = {"date", "cpu_model", "cpu_count", "torch_threads", "torch_version", "cuda_version", "gpu",
                 "build_info", "fused_kernels", "git_commit"}
 
@@ -36,7 +38,7 @@ def quick(tmp_path_factory):
 
 def test_quick_schema(quick):
     _, res = quick
-    assert set(res) == {"schema", "machine", "config", "rows", "errors"}
+    assert set(res) == {"schema", "machine", "config", "calibration", "rows", "errors"}
     assert res["schema"] == bench.SCHEMA
     assert res["errors"] == []
     assert MACHINE_KEYS <= set(res["machine"])
@@ -46,6 +48,35 @@ def test_quick_schema(quick):
     assert config["threads"] == res["machine"]["torch_threads"] >= 1
     for row in res["rows"]:
         assert set(row) == ROW_KEYS
+    cal = res["calibration"]
+    assert cal["shape"] == "x".join(map(str, bench.CALIBRATION_SHAPE))
+    assert {"torch.mm", "onednn"} <= set(cal["gflops"])
+    assert {f"dynnet-{isa}" for isa in CPU_GEMM_ISAS if isa != "aten"} <= set(cal["gflops"])
+    assert cal["peak_gflops"] == max(cal["gflops"].values()) == cal["gflops"][cal["best_engine"]] > 0
+    assert set(cal["fma_loop_gflops"]) == {isa for isa in CPU_GEMM_ISAS if isa != "aten"}
+    assert all(rate > 0 for rate in cal["fma_loop_gflops"].values())
+
+
+def test_quick_gflops(quick):
+    _, res = quick
+    peak = res["calibration"]["peak_gflops"]
+    for row in res["rows"]:
+        if row["subject"] == "memory":
+            assert row["gemm_flops"] is row["gflops"] is row["peak_fraction"] is None
+            continue
+        assert row["gemm_flops"] == bench.gemm_flops(row["subject"], row["phase"], row["shape"], row["depth"]) > 0
+        assert row["gflops"] == pytest.approx(row["gemm_flops"] / row["median_ms"] / 1e6)
+        assert row["peak_fraction"] == pytest.approx(row["gflops"] / peak)
+
+
+def test_gemm_flops_counts():
+    # The seed's layer: 64 x 1000 -> 100 is 12.8 MFLOP per GEMM; forward+backward 3 GEMMs.
+    assert bench.gemm_flops("layer", "forward", "64x1000x100", None) == 2 * 64 * 1000 * 100
+    assert bench.gemm_flops("layer", "forward+backward", "64x1000x100", None) == 3 * 2 * 64 * 1000 * 100
+    # Network N=2, D_in=3, H=5, D_out=10, depth 1: forward 2*2*(15+25+50), backward chain
+    # 2*2*(50+25), weight gradients 2*2*(15+25+50).
+    assert bench.gemm_flops("net", "forward+backward", "2x3x5", 1) == 4 * (90 + 75 + 90)
+    assert bench.gemm_flops("memory", "saved-tensors", "2x3x5", 3) is None
 
 
 def test_quick_rows_present(quick):
@@ -110,7 +141,8 @@ def test_quick_files(quick):
     out, res = quick
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| subject") and len(table) == 2 + len(res["rows"])
+    assert table[0].startswith("Machine peak:") and table[1] == ""
+    assert table[2].startswith("| subject") and len(table) == 4 + len(res["rows"])
 
 
 def test_table_has_ratio_column(quick):

@@ -8,6 +8,8 @@ from conftest import tol
 from dynnet_ext import reference
 
 OPS = torch.ops.dynnet
+# Every test here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
+pytestmark = pytest.mark.usefixtures("cpu_gemm_isa")
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, D_in, H, D_out): the seed's shape, odd and prime sizes, 1-row and empty

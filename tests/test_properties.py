@@ -16,11 +16,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import dynnet_ext
-from conftest import tol
+from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
 from dynnet_ext import reference
 
 OPS = torch.ops.dynnet
 HALF_TYPES = (torch.float16, torch.bfloat16)
+# Each example runs on one CPU GEMM engine, drawn (conftest restores the engine after the test).
+ISAS = st.sampled_from(CPU_GEMM_ISAS or [None])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -128,8 +130,9 @@ def up(t):
 
 
 @fixed(250)
-@given(linear_case())
-def test_forward_and_backward_match_reference(case):
+@given(linear_case(), ISAS)
+def test_forward_and_backward_match_reference(case, isa):
+    set_cpu_gemm(isa)
     lead, k, n, dtype, bias, activation, layouts, seed = case
     x, w, b, gy = build(lead, k, n, dtype, bias, layouts, seed)
     event(f"dtype={dtype}")
@@ -168,10 +171,11 @@ def test_forward_and_backward_match_reference(case):
 
 
 @fixed(60)
-@given(linear_case(dtypes=[torch.float32, torch.float64]), st.lists(st.booleans(), min_size=3, max_size=3))
-def test_backward_output_mask_subsets_equal_full(case, mask):
+@given(linear_case(dtypes=[torch.float32, torch.float64]), st.lists(st.booleans(), min_size=3, max_size=3), ISAS)
+def test_backward_output_mask_subsets_equal_full(case, mask, isa):
     """Any output_mask gives exactly (bitwise) the gradients of the full mask for the entries it
     asks for, and (0,)-shaped placeholders for the rest; 'none' works with y given or None."""
+    set_cpu_gemm(isa)
     lead, k, n, dtype, bias, activation, layouts, seed = case
     x, w, b, gy = build(lead, k, n, dtype, bias, layouts, seed)
     y = OPS.linear_relu(x, w, b, activation)
@@ -199,9 +203,11 @@ NET_SIZES = st.one_of(st.sampled_from([1, 2, 3, 7, 13, 31, 47]), st.integers(1, 
     lead=leading_dims(max_dims=2, max_rows=64),
     depth=st.integers(0, 3),
     seed=st.integers(0, 2**31 - 1),
+    isa=ISAS,
 )
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
-def test_dynamic_net_matches_stock(d_in, h, d_out, lead, depth, seed, ran):
+def test_dynamic_net_matches_stock(d_in, h, d_out, lead, depth, seed, isa, ran):
+    set_cpu_gemm(isa)
     torch.manual_seed(seed)
     fused = dynnet_ext.DynamicNet(d_in, h, d_out)
     stock = reference.DynamicNet(d_in, h, d_out)

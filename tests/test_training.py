@@ -1,20 +1,37 @@
 """The seed's 100-epoch training, fused against stock, and the command line."""
 
+import random
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from dynnet_ext import cli
+from dynnet_ext import cli, reference
 
 KERNELS = {"fused": ("dynamic_net", "dynamic_net_backward"), "fused-layer": ("linear_relu", "linear_relu_backward")}
-# Relative loss difference allowed between fused and stock training, float32. Both sides round
-# every GEMM in float32 but may sum in another order; over 100 Adam steps the losses were
-# measured within 2.1e-7 relative (fused and fused-layer, seed 0: under 2 float32 ulps).
-# 16 ulps (1.9e-6) leaves room for another GEMM blocking or thread split; a wrong gradient
-# moves the losses by far more (a flipped ReLU mask: over 1e-2 within ten steps).
-LOSS_RTOL = 16 * 1.19e-7
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float64_losses(epochs=100, seed=0):
+    """The seed's training of the stock model in float64: the same data, initial weights (drawn
+    in float32, then widened) and depths as cli.train(seed=seed), for the rounding-free
+    trajectory the float32 runs are measured against."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    x, label = torch.randn(64, 1000).double(), torch.randn(64, 10).double()
+    model = reference.DynamicNet(1000, 100, 10).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    losses = []
+    for _ in range(epochs):
+        loss = loss_fn(model(x, random.randint(0, 3)), label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def kernel_counts(stdout):
@@ -28,14 +45,25 @@ def kernel_counts(stdout):
 
 
 @pytest.mark.parametrize("impl", ["fused", "fused-layer"])
-def test_seed_training_same_losses_fused_and_stock(impl, ran):
+def test_seed_training_as_accurate_as_stock(impl, ran):
+    # Fused and stock float32 training round differently (other GEMM blockings), and Adam, which
+    # divides each gradient by its running magnitude, amplifies that over 100 steps: both drift
+    # from the rounding-free (float64) trajectory, stock by up to 4.4e-5 relative here, the fused
+    # engine by 2.5e-7 (measured, seed 0). So each is measured against float64, and the fused run
+    # must be as accurate as stock's: within twice stock's largest deviation (or 16 float32
+    # ulps). A wrong gradient moves the losses by far more (an inverted ReLU mask: 8e-3 within
+    # ten steps, 1.6 by the end).
     with ran(*KERNELS[impl]):
         fused, _, depths_f = cli.train(epochs=100, impl=impl, seed=0)
     stock, _, depths_s = cli.train(epochs=100, impl="stock", seed=0)
+    exact = float64_losses()
     assert depths_f == depths_s and len(set(depths_f)) == 4
-    assert len(fused) == len(stock) == 100
-    for epoch, (a, b) in enumerate(zip(fused, stock)):
-        assert abs(a - b) <= LOSS_RTOL * abs(b), f"epoch {epoch}: fused {a} vs stock {b}"
+    assert len(fused) == len(stock) == len(exact) == 100
+
+    def deviation(losses):
+        return max(abs(a - e) / abs(e) for a, e in zip(losses, exact))
+
+    assert deviation(fused) <= max(2 * deviation(stock), 16 * FLOAT32_EPS), (deviation(fused), deviation(stock))
     assert fused[-1] < fused[0]  # it trains
 
 

@@ -16,43 +16,198 @@
 // The shared layer's gradient, summed over its d uses, is ONE GEMM whose reduction runs over all
 // d * M rows: G is stored like acts, G_k in rows k M .. (k + 1) M, so the two stacks line up.
 //
-// Why this is faster than per-layer ops (stock or fused) at small sizes: the whole pass is two or
-// three parallel regions instead of ~10 ops and autograd nodes a layer, and the threads are used
-// where they pay. ATen splits each small GEMM across threads itself, which scales badly (measured
-// on 2 cores at the seed's shape: grad_w_in = g.T @ x takes 178 us on 2 threads and 138 us on 1;
-// 100 x 100 layers are slower on 2 threads than on 1). Here each thread runs single-threaded
-// GEMMs (the BLAS runs serially inside a parallel region) on its own share:
-//   forward after the input layer, backward chain: rows of the batch. Rows are independent
-//     through the whole network, so one parallel region carries a block of rows from h_0 to out
-//     (or from grad_out to G_0 and grad_x) with no synchronisation between layers. The input
-//     layer's GEMM (x is wide) is left to the BLAS's own threading, which splits it better.
-//   weight gradients: output rows of each grad_w (hidden units, output units). Each thread owns
-//     whole rows of every weight gradient and whole bias-gradient columns, so nothing is summed
-//     across threads: no reduction step, and the bias sums (double accumulators, rows in order)
-//     are the same bits for any thread count.
-// Work below kMinTaskFlops is not split (waking a thread costs more than it saves).
+// Two implementations of the same plan:
+//
+// With the GEMM engine (gemm.h: float32, bfloat16, float16 on AVX2/AVX-512 CPUs), each pass is
+// two parallel regions: one packs every weight operand - the hidden layer's w_h once for all
+// its d uses (and once more, untransposed, for the backward chain) - and one computes. The
+// forward carries each thread's block of batch rows from x through h_0..h_d to out without
+// synchronising between layers (when the batch gives every thread two 6-row tiles; else layer
+// by layer, each split over its columns). The backward chain does the same from grad_out down
+// to G_0 and grad_x, ReLU's mask applied in each GEMM's store; the weight gradients then split
+// by their rows (hidden units, output units) with the bias sums of the same units. Nothing is
+// summed across threads and K is never split: the same bits for any thread count.
+//
+// With ATen (float64, DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-
+// threaded BLAS GEMMs (the BLAS runs serially inside a parallel region) plus separate mask and
+// bias passes; the input layer's GEMM is left to the BLAS's own threading (measured at the
+// seed's shape: 87 us against 100 us split by rows). ATen splits small GEMMs across threads
+// badly on its own (seed shape, 2 cores: grad_w_in = g.T @ x 178 us on 2 threads, 138 us on 1).
+//
+// Why this is faster than per-layer ops (stock or fused) at small sizes: a handful of parallel
+// regions instead of ~10 ops and autograd nodes a layer, and threads used where they pay. Work
+// below gemm.cpp's kMinTaskFlops is not split (waking a thread costs more than it saves).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <functional>
 #include <torch/library.h>
 
+#include "gemm.h"
 #include "kernels.h"
 
 namespace dynnet {
 namespace {
 
-constexpr double kMinTaskFlops = 4e5;  // ~5 us of one core's GEMM throughput
-
-// Number of tasks for `flops` of evenly divisible work: one per thread, fewer when small.
-int64_t num_tasks(double flops) {
-  const auto by_work = static_cast<int64_t>(flops / kMinTaskFlops);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
-}
+using gemm::num_tasks;  // one rule for when a thread pays, shared with the engine
 
 // [begin, end) of task t's share when n items are split into `tasks` near-equal contiguous parts.
 std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t tasks) { return {n * t / tasks, n * (t + 1) / tasks}; }
 
 at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.narrow(0, begin, end - begin); }
+
+
+// ----------------------------------------------------------------------------------------------
+// With the GEMM engine (gemm.h: float32 and the half types on AVX2/AVX-512 CPUs). Each weight is
+// packed once per op call - the hidden layer's once for all its `depth` uses - in one parallel
+// region; then the products run in one more region per pass when the batch has rows enough to
+// give every thread two row tiles (each thread carries its rows through every layer: no
+// synchronisation between layers), else layer by layer, each layer split across the threads.
+
+// act(a @ w.T + bias) into c (all 2-d; bias undefined for none).
+gemm::Problem linear_problem(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, const at::Tensor& bias,
+                             bool relu) {
+  gemm::Problem p = gemm::product(a.size(0), c.size(1), a.size(1), a.scalar_type(), gemm::view_of(a),
+                                  gemm::view_of_t(w), c.data_ptr(), c.stride(0));
+  p.epi.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  p.epi.relu = relu;
+  return p;
+}
+
+// The phases that run `layers` in order (each reads the previous one's output) on all rows: one
+// phase carrying each task's block of rows through every layer when the batch gives every task
+// two row tiles, else one phase per layer, each split across the tasks.
+void add_chain_phases(std::vector<std::function<void(int64_t)>>& phases, const gemm::Kernels* k,
+                      const std::vector<const gemm::Problem*>& layers, const std::vector<gemm::PackedB>& packed,
+                      int64_t M, int64_t T) {
+  if (T > 1 && M >= 2 * k->mr * T) {
+    phases.emplace_back([&layers, &packed, k, M, T](int64_t t) {
+      const auto [r0, r1] = share(M, t, T);
+      for (size_t i = 0; i < layers.size(); ++i) gemm::compute_rows(k, *layers[i], packed[i], r0, r1);
+    });
+    return;
+  }
+  for (size_t i = 0; i < layers.size(); ++i)
+    phases.emplace_back([&layers, &packed, k, T, i](int64_t t) {
+      gemm::compute(k, *layers[i], packed[i], gemm::split(k, *layers[i], t, T));
+    });
+}
+
+void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, const at::Tensor& w_in,
+                                const at::Tensor& b_in, const std::optional<at::Tensor>& w_h,
+                                const std::optional<at::Tensor>& b_h, const at::Tensor& w_out, const at::Tensor& b_out,
+                                int64_t depth, at::Tensor& acts, at::Tensor& out2) {
+  const int64_t M = x2.size(0), H = w_in.size(0), D_in = w_in.size(1), D_out = w_out.size(0);
+  const at::Tensor bi = b_in.contiguous(), bo = b_out.contiguous();
+  const at::Tensor bh = depth > 0 ? b_h->contiguous() : at::Tensor();
+  std::vector<gemm::Problem> layers;
+  layers.reserve(depth + 2);
+  layers.push_back(linear_problem(x2, w_in, rows_of(acts, 0, M), bi, true));
+  for (int64_t l = 1; l <= depth; ++l)
+    layers.push_back(linear_problem(rows_of(acts, (l - 1) * M, l * M), *w_h, rows_of(acts, l * M, (l + 1) * M), bh, true));
+  layers.push_back(linear_problem(rows_of(acts, depth * M, (depth + 1) * M), w_out, out2, bo, false));
+  std::vector<const gemm::Problem*> chain;
+  for (const auto& p : layers) chain.push_back(&p);
+
+  const int64_t T = num_tasks(2.0 * M * (H * D_in + depth * H * H + H * D_out));
+  // Pack w_in, w_h (once) and w_out; every hidden layer reads the same packed w_h.
+  std::vector<const gemm::Problem*> to_pack = {chain.front()};
+  if (depth > 0) to_pack.push_back(chain[1]);
+  to_pack.push_back(chain.back());
+  const gemm::BPack pack(k, to_pack);
+  std::vector<gemm::PackedB> packed;
+  for (size_t i = 0; i < chain.size(); ++i)
+    packed.push_back(i == 0 ? pack[0] : i + 1 == chain.size() ? pack[to_pack.size() - 1] : pack[1]);
+  std::vector<std::function<void(int64_t)>> phases = {[&](int64_t t) { pack.run(t, T); }};
+  add_chain_phases(phases, k, chain, packed, M, T);
+  gemm::run_phases(T, phases);
+}
+
+void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, const at::Tensor& x2,
+                                 const at::Tensor& w_in, const std::optional<at::Tensor>& w_h, const at::Tensor& w_out,
+                                 const at::Tensor& acts, int64_t depth, const std::array<bool, 7>& need, at::Tensor& gx2,
+                                 at::Tensor& gw_in, at::Tensor& gb_in, at::Tensor& gw_h, at::Tensor& gb_h,
+                                 at::Tensor& gw_out, at::Tensor& gb_out) {
+  enum { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut };
+  const int64_t M = x2.size(0), H = w_in.size(0), D_in = w_in.size(1), D_out = w_out.size(0);
+  const bool hidden = depth > 0;
+  const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));
+  const auto options = x2.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::Tensor G = need_g ? at::empty({(depth + 1) * M, H}, options) : at::Tensor();
+  const auto problem = [&](int64_t m, int64_t n, int64_t kk, gemm::View a, gemm::View b, void* c, int64_t ldc) {
+    return gemm::product(m, n, kk, x2.scalar_type(), a, b, c, ldc);
+  };
+
+  // 1. The chain grad_out -> G_d -> ... -> G_0 (-> grad_x); ReLU's mask applied in each store.
+  std::vector<gemm::Problem> chain;
+  chain.reserve(depth + 2);
+  if (need_g) {
+    chain.push_back(problem(M, H, D_out, gemm::view_of(go), gemm::view_of(w_out), rows_of(G, depth * M, (depth + 1) * M).data_ptr(), H));
+    chain.back().epi.mask_y = gemm::view_of(rows_of(acts, depth * M, (depth + 1) * M));
+    for (int64_t l = depth; l >= 1; --l) {
+      chain.push_back(problem(M, H, H, gemm::view_of(rows_of(G, l * M, (l + 1) * M)), gemm::view_of(*w_h),
+                              rows_of(G, (l - 1) * M, l * M).data_ptr(), H));
+      chain.back().epi.mask_y = gemm::view_of(rows_of(acts, (l - 1) * M, l * M));
+    }
+    if (need[kX] && D_in > 0)
+      chain.push_back(problem(M, D_in, H, gemm::view_of(rows_of(G, 0, M)), gemm::view_of(w_in), gx2.data_ptr(), D_in));
+  }
+  // 2. Weight gradients: grad_w = G.T @ input of the layer; the hidden layer's d uses are one
+  // GEMM whose reduction runs over all d * M rows (G and acts are stacked alike).
+  std::vector<gemm::Problem> weights;
+  weights.reserve(3);
+  if (need[kWIn] && D_in > 0)
+    weights.push_back(problem(H, D_in, M, gemm::view_of_t(rows_of(G, 0, M)), gemm::view_of(x2), gw_in.data_ptr(), D_in));
+  if (hidden && need[kWH])
+    weights.push_back(problem(H, H, depth * M, gemm::view_of_t(rows_of(G, M, (depth + 1) * M)),
+                              gemm::view_of(rows_of(acts, 0, depth * M)), gw_h.data_ptr(), H));
+  if (need[kWOut])
+    weights.push_back(problem(D_out, H, M, gemm::view_of_t(go), gemm::view_of(rows_of(acts, depth * M, (depth + 1) * M)),
+                              gw_out.data_ptr(), H));
+
+  // One packing region for every B: w_out, w_h (once for the whole chain), w_in, then the
+  // weight gradients' inputs. chain[i] reads packed[chain_b[i]].
+  std::vector<const gemm::Problem*> to_pack;
+  std::vector<size_t> chain_b;
+  for (size_t i = 0; i < chain.size(); ++i) {
+    const bool reuses_w_h = i >= 2 && static_cast<int64_t>(i) <= depth;
+    if (!reuses_w_h) to_pack.push_back(&chain[i]);
+    chain_b.push_back(to_pack.size() - 1);
+  }
+  const size_t first_weight = to_pack.size();
+  for (const auto& p : weights) to_pack.push_back(&p);
+  double flops = 0;
+  for (const gemm::Problem* p : to_pack) flops += 2.0 * p->M * p->N * p->K;
+  flops += 2.0 * std::max<int64_t>(depth - 1, 0) * M * H * H;  // the hidden layers packed once
+  const int64_t T = num_tasks(flops);
+  const gemm::BPack pack(k, to_pack);
+  std::vector<std::function<void(int64_t)>> phases = {[&](int64_t t) { pack.run(t, T); }};
+  std::vector<const gemm::Problem*> layers;
+  std::vector<gemm::PackedB> layer_b;
+  for (size_t i = 0; i < chain.size(); ++i) {
+    layers.push_back(&chain[i]);
+    layer_b.push_back(pack[chain_b[i]]);
+  }
+  if (!chain.empty()) add_chain_phases(phases, k, layers, layer_b, M, T);
+
+  // Weight gradients split by rows of each (hidden or output units), bias sums by units too:
+  // each thread owns whole rows and whole bias columns, nothing is summed across threads.
+  // All of it - packing, chain, weight gradients - is one parallel region (gemm::run_phases).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "dynamic_net_backward_cpu", [&] {
+    phases.emplace_back([&](int64_t t) {
+      for (size_t i = 0; i < weights.size(); ++i)
+        gemm::compute(k, weights[i], pack[first_weight + i], gemm::split(k, weights[i], t, T));
+      const auto [u0, u1] = share(H, t, T);
+      const auto [o0, o1] = share(D_out, t, T);
+      const scalar_t* Gp = need_g ? G.const_data_ptr<scalar_t>() : nullptr;
+      if (need[kBIn] && u1 > u0) column_sums(Gp, H, M, u0, u1, gb_in.data_ptr<scalar_t>() + u0);
+      if (hidden && need[kBH] && u1 > u0) column_sums(Gp + M * H, H, depth * M, u0, u1, gb_h.data_ptr<scalar_t>() + u0);
+      if (need[kBOut] && o1 > o0) column_sums(go.const_data_ptr<scalar_t>(), D_out, M, o0, o1, gb_out.data_ptr<scalar_t>() + o0);
+    });
+    gemm::run_phases(T, phases);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                                                    const std::optional<at::Tensor>& w_h,
@@ -69,6 +224,15 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   at::Tensor out = at::empty(out_shape, options);
   at::Tensor acts = at::empty({(depth + 1) * M, H}, options);
   if (M == 0) return {out, acts};
+
+  // A layer with no inputs (D_in or H == 0) returns its bias as stock's addmm does (the engine's
+  // 0 + b would turn a -0 into +0): the ATen path below.
+  const bool has_products = D_in > 0 && H > 0;
+  if (const gemm::Kernels* k = has_products ? gemm::kernels_for(x.scalar_type()) : nullptr) {
+    at::Tensor out2 = out.view({M, D_out});
+    dynamic_net_forward_engine(k, as_2d(x, M, D_in), w_in, b_in, w_h, b_h, w_out, b_out, depth, acts, out2);
+    return {out, acts};
+  }
 
   // The input layer, usually the largest GEMM, on all rows at once: the BLAS's own threading
   // splits it better than rows do (measured at the seed's shape: 87 us against 100 us).
@@ -126,7 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // the caller passed (autograd passes the forward's contiguous acts; a direct caller may not).
   const at::Tensor go = grad_out.reshape({M, D_out}).contiguous();
   const at::Tensor acts = acts_arg.contiguous();
-  const at::Tensor gx2 = need[kX] ? gx.view({M, D_in}) : gx;
+  at::Tensor gx2 = need[kX] ? gx.view({M, D_in}) : gx;
+  if (const gemm::Kernels* k = gemm::kernels_for(x.scalar_type())) {
+    dynamic_net_backward_engine(k, go, x2, w_in, w_h, w_out, acts, depth, need, gx2, gw_in, gb_in, gw_h, gb_h,
+                                gw_out, gb_out);
+    return {gx, gw_in, gb_in, gw_h, gb_h, gw_out, gb_out};
+  }
   // G_k is needed down to G_0 when anything below the output layer asks for a gradient.
   const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));
   at::Tensor G = need_g ? at::empty({(depth + 1) * M, H}, options) : at::Tensor();

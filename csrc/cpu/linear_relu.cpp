@@ -1,21 +1,23 @@
 // CPU kernels of dynnet::linear_relu and dynnet::linear_relu_backward.
 //
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):
-//   y = x2 @ weight.T      one GEMM (ATen's: MKL / oneDNN / OpenBLAS), written straight into y
-//   y = act(y + bias)      one in-place epilogue pass, rows split across threads
-// The GEMM is not ours on purpose: no hand-written CPU GEMM beats the vendor BLAS. What fusion
-// removes is everything around it: stock nn.Linear + ReLU copies the bias into the output
-// before the GEMM and runs ReLU as a second full pass and a second autograd node. Here bias
-// and activation share one pass over y, which at the seed's size (64 x 100) is still in cache.
-// Half types are the exception: their bias goes into the GEMM's fp32 accumulator (addmm), so y
-// is rounded once, as stock does, and only the ReLU is left for the pass.
+//   y = act(x2 @ weight.T + bias)
+// float32, bfloat16, float16 (on an AVX2 or AVX-512 CPU): one GEMM of the project's engine
+// (gemm.h): weight.T packed into panels, x read where it lies, bias + ReLU + rounding to the
+// dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
+// the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
+// float64, or DYNNET_EXT_CPU_GEMM=aten: ATen's GEMM (MKL) into y, then one in-place pass for
+// bias and activation (half types: bias inside addmm's accumulator, so still rounded once).
 //
-// Backward, g = (y <= 0 ? 0 : grad_y):
-//   one pass over the rows writes g and reduces grad_bias (accumulated in acc_type: double for
-//   float, float for half types; columns split across threads, so the sum order is fixed and
-//   results are deterministic), then grad_x = g @ weight and grad_weight = g.T @ x as two
-//   GEMMs, run side by side one thread each when both are wanted. Gradients not asked for are
-//   neither computed nor allocated.
+// Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'):
+//   grad_bias = column sums of g, one pass (accumulated in acc_type: double for float, float
+//     for half types; columns split across threads, so the sum order is fixed);
+//   grad_x = g @ weight, grad_weight = g.T @ x.
+// With the engine, g is never written: ReLU's mask is applied while grad_y is packed as each
+// GEMM's A operand, and both GEMMs are packed in one parallel region and computed in another,
+// each split across the threads. With ATen, one pass writes g (and grad_bias), then the two
+// GEMMs run side by side, one thread each. Gradients not asked for are neither computed nor
+// allocated.
 //
 // NaN behaves as in stock PyTorch (see kernels.h).
 
@@ -25,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gemm.h"
 #include "kernels.h"
 
 namespace dynnet {
@@ -121,8 +124,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
   at::Tensor gb = need_gb ? at::empty({N}, x.options()) : empty();
-  at::Tensor g = gy2;  // the gradient at the pre-activation; grad_y itself for 'none'
   const bool relu = act == Activation::Relu;
+  if (const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type()); kern && (need_gx || need_gw)) {
+    // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
+    // gradient is the one pass left.
+    const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
+    if (need_gb) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
+        const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
+        relu ? mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), y2.const_data_ptr<scalar_t>(),
+                                                               y2.stride(0), nullptr, gb.data_ptr<scalar_t>(), M, N)
+             : mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr,
+                                                                gb.data_ptr<scalar_t>(), M, N);
+      });
+    }
+    at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
+    at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
+    const at::Tensor x2 = as_2d(x, M, K);  // held: the problems point into it
+    const gemm::View no_mask;
+    // grad_x = g @ weight, grad_weight = g.T @ x, with g = mask(grad_y) made while packing.
+    const gemm::Problem px = gemm::product(M, K, N, x.scalar_type(), gemm::view_of(gy2), gemm::view_of(weight),
+                                           gx.data_ptr(), K, relu ? gemm::view_of(y2) : no_mask);
+    const gemm::Problem pw = gemm::product(N, K, M, x.scalar_type(), gemm::view_of_t(gy2), gemm::view_of(x2),
+                                           gw.data_ptr(), K, relu ? gemm::view_of_t(y2) : no_mask);
+    std::vector<const gemm::Problem*> problems;
+    if (need_gx && M > 0 && K > 0) problems.push_back(&px);
+    if (need_gw && N > 0 && K > 0) problems.push_back(&pw);
+    if (!problems.empty()) gemm::run(kern, problems);
+    return {gx, gw, gb};
+  }
+
+  at::Tensor g = gy2;  // the gradient at the pre-activation; grad_y itself for 'none'
   if (relu && (need_gx || need_gw)) g = at::empty({M, N}, x.options());
   if ((relu && (need_gx || need_gw)) || need_gb) {
     const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
@@ -169,9 +201,20 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
                    const std::optional<at::Tensor>& bias, Activation act) {
   const int64_t M = y2.size(0), N = y2.size(1);
   if (M == 0 || N == 0) return;
+  // K == 0 (no products): ATen's addmm below returns the bias itself, as stock does; the
+  // engine's 0 + b would turn a -0 bias into +0.
+  if (const gemm::Kernels* kern = x2.size(1) > 0 ? gemm::kernels_for(x2.scalar_type()) : nullptr) {
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    gemm::Problem p = gemm::product(M, N, x2.size(1), x2.scalar_type(), gemm::view_of(x2), gemm::view_of_t(weight),
+                                    y2.data_ptr(), y2.stride(0));
+    p.epi.bias = b.defined() ? b.const_data_ptr() : nullptr;
+    p.epi.relu = act == Activation::Relu;
+    gemm::run(kern, {&p});
+    return;
+  }
   // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
   // dtype once, as stock's addmm does; adding it afterwards would round twice. With no input
-  // features (K == 0) addmm returns the bias itself, as stock does: 0 + b would turn a -0 into +0.
+  // features (K == 0) addmm returns the bias itself, as stock does.
   const bool half = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
   const bool bias_in_gemm = bias.has_value() && (half || x2.size(1) == 0);
   if (bias_in_gemm) {

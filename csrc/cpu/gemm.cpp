@@ -1,0 +1,315 @@
+// The CPU GEMM engine: dispatch to an instruction set, packing, work split across threads.
+//
+// C (M, N) = epilogue(A (M, K) @ B (K, N)), fp32 accumulation (float32, bfloat16, float16;
+// float64 stays with ATen's BLAS). BLIS-style: B is packed into panels of NR columns (k-major,
+// zero-padded), A is read where it lies (strided broadcasts) or packed MR rows at a time when it
+// must be converted or masked, and a register-blocked micro-kernel (gemm_kernel.h) computes an
+// MR x NR tile, applying the epilogue (bias, ReLU, ReLU's backward mask, rounding) in its store.
+//
+// Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
+// machines are, float32): MKL, which torch.mm and stock nn.Linear use, reaches 35-45% of the
+// ~470 GFLOP/s the cores sustain (it takes a generic path on AMD); oneDNN and OpenBLAS reach
+// more but are not reachable from an extension (libtorch exports no dnnl_* entry points, and a
+// second BLAS would bring a second thread pool). A micro-kernel of our own also gives what a
+// library call cannot: the bias/ReLU/mask epilogue in the store (no second pass over C), the
+// mask applied while packing the gradient, one packed weight shared by every layer that uses
+// it, no per-call primitive creation and no per-call allocation (packing buffers are thread-
+// local and reused), and the same bits for any thread count.
+//
+// Instruction sets (one translation unit each, compiled with its own target options; the
+// library itself needs only x86-64): avx512 (6 x 64 tile), avx2 (6 x 16), chosen at run time
+// from cpuid; DYNNET_EXT_CPU_GEMM=avx2 (or avx512, aten) forces one, and `aten` restores the
+// ATen BLAS path everywhere.
+//
+// Threads: the work of a call is split over C's rows (or its column panels when it has too few
+// rows) into one rectangle per thread, run with at::parallel_for (torch's own OpenMP pool: no
+// second threading runtime). K is never split, so each element of C gets the same FMAs in the
+// same order whatever the split: the results are bitwise identical for any thread count.
+
+#include "gemm.h"
+
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <time.h>
+
+#include <atomic>
+#include <exception>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "kernels.h"
+
+namespace dynnet {
+namespace gemm {
+namespace {
+
+enum Isa : int { kAten = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* kIsaNames[] = {"aten", "avx2", "avx512"};
+
+bool cpu_has(Isa isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  switch (isa) {
+    case kAten: return true;
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_kernels();
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && avx512_kernels();
+  }
+#endif
+  return isa == kAten;
+}
+
+bool has_avx512_bf16() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool yes = avx512bf16_kernels() != nullptr && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+Isa best_isa() { return cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kAten; }
+
+Isa parse_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) return static_cast<Isa>(i);
+  TORCH_CHECK(false, "dynnet: DYNNET_EXT_CPU_GEMM must be auto, avx512, avx2 or aten, got '", name, "'");
+}
+
+Isa initial_isa() {
+  const char* env = std::getenv("DYNNET_EXT_CPU_GEMM");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
+  const Isa isa = parse_isa(env);
+  TORCH_CHECK(cpu_has(isa), "dynnet: DYNNET_EXT_CPU_GEMM=", env, " but this CPU (or build) cannot run it; available: ",
+              c10::Join(", ", available_isas()), ". Unset it to choose automatically.");
+  return isa;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{initial_isa()};
+  return isa;
+}
+
+// Grows-only buffer, 64-byte aligned, one per thread: packed B for the calling thread, A
+// slivers for a worker. No allocation once a thread has seen its largest problem.
+struct Buffer {
+  std::unique_ptr<char[]> raw;
+  size_t size = 0;
+  char* get(size_t bytes) {
+    if (bytes + 64 > size) {
+      size = std::max(bytes + 64, size * 3 / 2);
+      raw.reset(new char[size]);
+    }
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
+  }
+};
+
+float* scratch(const Kernels* k, const Problem& p) {
+  thread_local Buffer buf;
+  return reinterpret_cast<float*>(buf.get(k->scratch_floats(p.dtype, p.K) * sizeof(float)));
+}
+
+// Below ~17 us of one core's work a second thread does not pay on a busy machine: waking it and
+// meeting it at a barrier cost 5-10 us (measured on 2 shared cores: 64 x 100 x 100 forward 18 us
+// on 1 thread, 30 us on 2 at 4e5; MKL keeps such GEMMs on one thread too).
+constexpr double kMinTaskFlops = 2e6;
+
+}  // namespace
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default: TORCH_CHECK(false, "dynnet: the CPU GEMM engine has no kernels for ", t);
+  }
+}
+
+const Kernels* kernels_for(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return nullptr;
+  switch (current_isa().load(std::memory_order_relaxed)) {
+    case kAvx512:
+      // bfloat16 on the BF16 dot-product instructions where the CPU has them.
+      return dtype == at::kBFloat16 && has_avx512_bf16() ? avx512bf16_kernels() : avx512_kernels();
+    case kAvx2: return avx2_kernels();
+    default: return nullptr;
+  }
+}
+
+std::string kernels_name(const std::string& dtype) {
+  const at::ScalarType t = dtype == "float32"    ? at::kFloat
+                           : dtype == "bfloat16" ? at::kBFloat16
+                           : dtype == "float16"  ? at::kHalf
+                           : dtype == "float64"  ? at::kDouble
+                                                 : at::kByte;
+  TORCH_CHECK(t != at::kByte, "dynnet: dtype must be float32, bfloat16, float16 or float64, got '", dtype, "'");
+  const Kernels* k = kernels_for(t);
+  return k ? k->name : "aten";
+}
+
+std::string isa() { return kIsaNames[current_isa().load()]; }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (int i = 2; i >= 0; --i)
+    if (cpu_has(static_cast<Isa>(i))) out.emplace_back(kIsaNames[i]);
+  return out;
+}
+
+std::string set_isa(const std::string& name) {
+  const Isa isa = name == "auto" ? best_isa() : parse_isa(name);
+  TORCH_CHECK(cpu_has(isa), "dynnet: this CPU (or build) cannot run the ", name, " GEMM kernels; available: ",
+              c10::Join(", ", available_isas()));
+  return kIsaNames[current_isa().exchange(isa)];
+}
+
+int64_t num_tasks(double flops) {
+  if (at::in_parallel_region()) return 1;
+  const auto by_work = static_cast<int64_t>(flops / kMinTaskFlops);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
+}
+
+BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_(k), problems_(problems) {
+  thread_local Buffer buf;
+  std::vector<size_t> offset(problems.size() + 1, 0);
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const Problem& p = *problems[i];
+    offset[i + 1] = offset[i] + (k->packed_b_bytes(p.dtype, p.K, p.N) + 63) / 64 * 64;
+  }
+  char* base = buf.get(offset.back());
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const Problem& p = *problems[i];
+    packed_.push_back({base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr});
+    for (int64_t q = 0; q < packed_[i].panels(); ++q) units_.emplace_back(i, q);
+  }
+}
+
+void BPack::run(int64_t t, int64_t T) const {
+  const size_t n = units_.size(), u0 = n * t / T, u1 = n * (t + 1) / T;
+  for (size_t u = u0; u < u1;) {  // consecutive panels of one problem in one call
+    const size_t i = units_[u].first;
+    size_t v = u;
+    while (v < u1 && units_[v].first == i) ++v;
+    k_->pack_b(*problems_[i], const_cast<void*>(packed_[i].data), units_[u].second, units_[v - 1].second + 1);
+    u = v;
+  }
+}
+
+void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases) {
+  if (T <= 1) {
+    for (const auto& phase : phases) phase(0);
+    return;
+  }
+  std::exception_ptr error;
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  const auto guarded = [&](const std::function<void(int64_t)>& phase, int64_t t) {
+    try {  // a task that throws must still reach the barriers, or the others would wait forever
+      if (!error) phase(t);
+    } catch (...) {
+      if (!failed.test_and_set()) error = std::current_exception();
+    }
+  };
+  size_t done = 0;  // phases finished for every task
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP
+  // One region, a barrier between phases, when torch's OpenMP team has exactly T threads and
+  // each runs one task (at::parallel_for gives every thread one chunk of a T-long range then);
+  // every thread sees the same team, so all take the same branch.
+  std::atomic<int64_t> synced{0};
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::NoGradGuard no_grad;
+    if (!(omp_in_parallel() && omp_get_num_threads() == T && end - begin == 1)) {
+      for (int64_t t = begin; t < end; ++t) guarded(*phases.begin(), t);
+      return;
+    }
+    bool first = true;
+    for (const auto& phase : phases) {
+      if (!first) {
+#pragma omp barrier
+      }
+      first = false;
+      guarded(phase, begin);
+    }
+    synced.fetch_add(1);
+  });
+  done = synced.load() == T ? phases.size() : 1;
+#endif
+  size_t i = 0;
+  for (const auto& phase : phases)  // one region per phase left
+    if (i++ >= done) parallel_tasks(T, [&](int64_t t) { guarded(phase, t); });
+  if (error) std::rethrow_exception(error);
+}
+
+std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel) {
+  const BPack pack(k, problems);
+  const int64_t T = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  run_phases(T, {[&](int64_t t) { pack.run(t, T); }});
+  return pack.packed();
+}
+
+Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T) {
+  const int64_t P = p.N == 0 ? 0 : (p.N + k->nr - 1) / k->nr;
+  // Rows while each task keeps at least two row tiles (or panels cannot be split); rows are
+  // split at any row, so the parts stay even (a partial tile costs about its rows).
+  if (T == 1 || p.M >= 2 * k->mr * T || P < T) return {p.M * t / T, p.M * (t + 1) / T, 0, P};
+  return {0, p.M, P * t / T, P * (t + 1) / T};
+}
+
+void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r) {
+  if (r.r1 <= r.r0 || r.p1 <= r.p0) return;
+  k->compute(p, b, r.r0, r.r1, r.p0, r.p1, scratch(k, p));
+}
+
+double fma_peak_gflops(const std::string& name, int64_t threads, double seconds) {
+  const Isa isa = parse_isa(name);
+  TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
+              c10::Join(", ", available_isas()));
+  const Kernels* k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
+  std::vector<double> rate(T, 0.0);
+  // Each thread's own CPU time: the rate of the cores themselves, unaffected by other processes
+  // sharing them (a GEMM's wall-clock rate is not; the bench reports both).
+  const auto cpu_seconds = [] {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  };
+  parallel_tasks(T, [&](int64_t t) {
+    int64_t iters = 1 << 16;
+    for (;;) {  // grow the round count until one run lasts `seconds`
+      const double t0 = cpu_seconds();
+      const double flops = k->fma_loop(iters);
+      const double s = cpu_seconds() - t0;
+      if (s >= seconds || iters > (int64_t(1) << 40)) {
+        rate[t] = flops / s / 1e9;
+        return;
+      }
+      iters *= 2;
+    }
+  });
+  double total = 0;
+  for (double r : rate) total += r;
+  return total;
+}
+
+void run(const Kernels* k, const std::vector<const Problem*>& problems) {
+  double flops = 0;
+  for (const Problem* p : problems) flops += 2.0 * p->M * p->N * std::max<int64_t>(p->K, 1);
+  const int64_t T = num_tasks(flops);
+  const BPack pack(k, problems);
+  run_phases(T, {[&](int64_t t) { pack.run(t, T); },
+                 [&](int64_t t) {
+                   for (size_t i = 0; i < problems.size(); ++i)
+                     compute(k, *problems[i], pack[i], split(k, *problems[i], t, T));
+                 }});
+}
+
+}  // namespace gemm
+}  // namespace dynnet

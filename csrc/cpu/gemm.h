@@ -1,0 +1,102 @@
+// The CPU GEMM engine of the fused ops: C = epilogue(A @ B) with bias, ReLU, ReLU's backward
+// mask and the rounding to the output dtype applied in the micro-kernel's store, and ReLU's
+// backward mask on A applied while A is packed. See gemm.cpp for the design and the numbers
+// behind it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "gemm_api.h"
+
+namespace dynnet {
+namespace gemm {
+
+// The kernels that run `dtype` now, or nullptr when the op should use ATen (float64, a CPU
+// without AVX2+FMA, or DYNNET_EXT_CPU_GEMM=aten). Chosen once per process from the CPU and the
+// environment variable DYNNET_EXT_CPU_GEMM (auto | avx512 | avx2 | aten); set_isa overrides it.
+const Kernels* kernels_for(at::ScalarType dtype);
+// The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
+std::string isa();
+// The kernels the ops use now for a dtype ("float32", "bfloat16", "float16", "float64"):
+// "avx512", "avx512_bf16", "avx2", or "aten".
+std::string kernels_name(const std::string& dtype);
+std::vector<std::string> available_isas();
+// Switches the engine (tests and benchmarks compare paths in one process). Returns the previous
+// choice. Throws for a name this CPU cannot run.
+std::string set_isa(const std::string& name);
+
+DType dtype_of(at::ScalarType t);
+
+// A (rows, cols) tensor as a View (any strides).
+inline View view_of(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+// Its transpose as a View, without a copy.
+inline View view_of_t(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(1), t.stride(0)}; }
+
+// The packed B operands of several problems, in memory owned by the calling thread (valid until
+// its next BPack), packed by run(t, T): task t of T packs its share of all the panels.
+class BPack {
+ public:
+  BPack(const Kernels* k, const std::vector<const Problem*>& problems);
+  void run(int64_t t, int64_t T) const;
+  const PackedB& operator[](size_t i) const { return packed_[i]; }
+  const std::vector<PackedB>& packed() const { return packed_; }
+
+ private:
+  const Kernels* k_;
+  std::vector<const Problem*> problems_;
+  std::vector<PackedB> packed_;
+  std::vector<std::pair<size_t, int64_t>> units_;  // (problem, panel), in order
+};
+
+// Runs each phase on tasks 0..T-1, a phase finishing on every task before the next starts. In
+// one parallel region with barriers between the phases when torch's OpenMP team has T threads
+// (one region start per op instead of one per phase); else one region per phase. Exceptions are
+// rethrown after the last phase (the remaining work of a failed call is skipped).
+void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases);
+
+// The problem C (M, N) = A (M, K) @ B (K, N), ReLU's backward mask on A when a_mask_y is given,
+// no epilogue (set p.epi after); C row-major at c with row stride ldc.
+inline Problem product(int64_t M, int64_t N, int64_t K, at::ScalarType dtype, View a, View b, void* c, int64_t ldc,
+                       View a_mask_y = {}) {
+  Problem p;
+  p.M = M, p.N = N, p.K = K, p.dtype = dtype_of(dtype);
+  p.a = a, p.b = b, p.a_mask_y = a_mask_y, p.c = c, p.ldc = ldc;
+  return p;
+}
+
+// Packs the B operand of each problem (split across the threads when `parallel`).
+std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel);
+
+// Rows x panels rectangle of task t of T for a problem (T near-equal parts, by rows when there
+// are enough rows, by panels otherwise).
+struct Rect {
+  int64_t r0, r1, p0, p1;
+};
+Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T);
+
+// Computes rectangle `r` of problem `p` on the calling thread.
+void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r);
+inline void compute_rows(const Kernels* k, const Problem& p, const PackedB& b, int64_t r0, int64_t r1) {
+  compute(k, p, b, {r0, r1, 0, b.panels()});
+}
+
+// Packs and computes the problems, each split across the threads when worth it: the packing in
+// one parallel region, the products in a second. Bitwise the same results for any thread count.
+void run(const Kernels* k, const std::vector<const Problem*>& problems);
+
+// The FMA ceiling of the engine `isa` (avx512 or avx2) on `threads` threads, in GFLOP/s: a
+// register-only FMA loop run for about `seconds` of CPU time on each thread at once, each
+// thread's rate from its own CPU time (so other processes on the cores do not lower it).
+double fma_peak_gflops(const std::string& isa, int64_t threads, double seconds);
+
+// Tasks worth running for `flops` of work on the current thread count (1 inside a parallel
+// region or for small work).
+int64_t num_tasks(double flops);
+
+}  // namespace gemm
+}  // namespace dynnet

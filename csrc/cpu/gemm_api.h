@@ -1,0 +1,83 @@
+// The interface between the GEMM dispatcher (gemm.cpp) and the per-ISA kernel translation units
+// (gemm_avx512.cpp, gemm_avx2.cpp, gemm_avx512bf16.cpp). Plain C++ only: the ISA units are
+// compiled with their own target options and must not include torch headers (an inline function
+// of a shared header compiled there with AVX-512 enabled could be the copy the linker keeps for
+// the whole library, and crash a machine without AVX-512).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dynnet {
+namespace gemm {
+
+enum class DType : int { F32, BF16, F16 };
+// The 16-bit storage types, as raw bits (the ISA units see no c10 types).
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+// Element (i, j) of a strided matrix view is at p[i * rs + j * cs] (in elements of the dtype).
+struct View {
+  const void* p = nullptr;
+  int64_t rs = 0, cs = 0;
+};
+
+// What the store does with the fp32 accumulator v of C(i, j), in this order:
+//   v += bias[j]                           (bias != nullptr)
+//   v = v < 0 ? 0 : v                      (relu; keeps NaN, as torch.relu)
+//   v = y(i, j) <= 0 ? 0 : v               (mask_y.p != nullptr; ReLU's backward from its output,
+//                                           as threshold_backward: NaN in y lets v through)
+//   C(i, j) = round(v) to the dtype        (once: fp32 accumulates every K-block in registers or,
+//                                           for float32 only, in C itself)
+struct Epilogue {
+  const void* bias = nullptr;  // (N), the problem's dtype
+  bool relu = false;
+  View mask_y;  // (M, N) view with cs == 1, the problem's dtype
+};
+
+// C (M, N) = A (M, K) @ B (K, N), then the epilogue; fp32 accumulation for every dtype.
+// A may carry ReLU's backward mask: A(i, k) := a_mask_y(i, k) <= 0 ? 0 : A(i, k), applied while A
+// is packed (the masked gradient is never written to memory).
+struct Problem {
+  int64_t M = 0, N = 0, K = 0;
+  DType dtype = DType::F32;
+  View a, b;
+  View a_mask_y;
+  void* c = nullptr;
+  int64_t ldc = 0;  // C(i, j) at c[i * ldc + j]
+  Epilogue epi;
+};
+
+// B packed into panels of `nr` columns (zero-padded past N), K split in blocks of `kc` rows:
+// block q holds rows [q kc, q kc + kcb) of every panel, panel after panel, kcb x width each.
+// Built once and read by every task (and, in the network op, by every layer that shares it).
+struct PackedB {
+  const void* data = nullptr;
+  int64_t K = 0, N = 0, kc = 0, nr = 0;
+  int64_t panels() const { return nr ? (N + nr - 1) / nr : 0; }
+};
+
+// One instruction set's kernels. `compute` runs the tile rectangle rows [r0, r1) x panels
+// [p0, p1) of C serially on the calling thread; each element of C gets the same sequence of
+// FMAs whatever the rectangle, so results do not depend on how the work was split.
+struct Kernels {
+  const char* name;
+  int64_t mr, nr;                                                        // micro-tile
+  int64_t (*kc)(DType dtype, int64_t K);                                 // K-block length
+  size_t (*packed_b_bytes)(DType dtype, int64_t K, int64_t N);
+  size_t (*scratch_floats)(DType dtype, int64_t K);                     // per task, for packing A
+  void (*pack_b)(const Problem& p, void* dst, int64_t p0, int64_t p1);  // panels [p0, p1)
+  void (*compute)(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+                  float* scratch);
+  // FLOPs of `iters` rounds of 2 x MR x NVMAX independent register FMAs (no memory): the core's
+  // FMA ceiling, to tell a kernel's speed from the hardware's.
+  double (*fma_loop)(int64_t iters);
+};
+
+// Defined by the ISA units; each returns nullptr when built without support for its ISA.
+const Kernels* avx512_kernels();
+const Kernels* avx512bf16_kernels();  // bfloat16 on vdpbf16ps (AVX512_BF16), the rest as avx512
+const Kernels* avx2_kernels();
+
+}  // namespace gemm
+}  // namespace dynnet

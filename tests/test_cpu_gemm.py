@@ -1,0 +1,187 @@
+"""The CPU GEMM engine under the ops (csrc/cpu/gemm*.cpp): micro-tile and K-block edges, strides,
+the epilogue, thread-count independence, and the engine switch (DYNNET_EXT_CPU_GEMM).
+
+Tile sizes: avx512 6 rows x 64 columns (4 vectors of 16), avx2 6 x 16 (2 vectors of 8); float32
+K-blocks of 256. The sizes below straddle each of those edges."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
+from dynnet_ext import reference
+
+OPS = torch.ops.dynnet
+pytestmark = pytest.mark.skipif(not CPU_GEMM_ISAS, reason="dynnet_ext._C not built")
+
+ROWS = [1, 5, 6, 7, 12, 13]  # around the 6-row tile
+COLS = [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100]  # around 8/16-float vectors and 16/64-column panels
+DEPTHS = [0, 1, 255, 256, 257, 600]  # around the 256-long K-blocks (0: no products, y = act(bias))
+
+
+def forward_backward(x, w, b, activation):
+    y = OPS.linear_relu(x, w, b, activation)
+    gy = torch.randn_like(y)
+    grads = OPS.linear_relu_backward(gy, x, w, y if activation == "relu" else None, activation,
+                                     [True, True, b is not None])
+    return y, gy, grads
+
+
+def check_against_reference(x, w, b, activation, dtype=torch.float32):
+    y, gy, (gx, gw, gb) = forward_backward(x, w, b, activation)
+    # The reference in float64 from the same inputs; the fused result only has float32's
+    # rounding, so the float32 tolerance applies.
+    up = [t.double() if t is not None else None for t in (x, w, b)]
+    torch.testing.assert_close(y.double(), reference.linear_act(*up, activation), **tol(dtype))
+    rx, rw, rb = reference.linear_act_backward(gy.double(), *up, activation)
+    torch.testing.assert_close(gx.double(), rx, **tol(dtype))
+    torch.testing.assert_close(gw.double(), rw, **tol(dtype))
+    if b is not None:
+        torch.testing.assert_close(gb.double(), rb, **tol(dtype))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n", COLS)
+def test_tile_edges(m, n, cpu_gemm_isa):
+    k = 37
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    check_against_reference(x, w, b, "relu")
+
+
+@pytest.mark.parametrize("k", DEPTHS)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_k_block_edges(k, activation, cpu_gemm_isa):
+    x, w, b = torch.randn(13, k), torch.randn(65, k) / max(k, 1) ** 0.5, torch.randn(65)
+    check_against_reference(x, w, b, activation)
+
+
+@pytest.mark.parametrize("layout", ["x_transposed", "w_transposed", "x_expanded", "x_rows_strided", "x_cols_strided",
+                                    "x_3d_sliced"])
+def test_strided_operands(layout, cpu_gemm_isa):
+    m, k, n = 14, 70, 33
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    if layout == "x_transposed":
+        x = torch.randn(k, m).t()
+    elif layout == "w_transposed":
+        w = (torch.randn(k, n) / k**0.5).t()
+    elif layout == "x_expanded":
+        x = torch.randn(1, k).expand(m, k)
+    elif layout == "x_rows_strided":
+        x = torch.randn(2 * m, k)[::2]
+    elif layout == "x_cols_strided":
+        x = torch.randn(m, 3 * k)[:, ::3]
+    else:
+        x = torch.randn(2, 3 * m, k)[:, ::3]
+    check_against_reference(x, w, b, "relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [1, 300, 301])  # odd K: the last bfloat16 k-pair is half padding
+def test_half_types_edges(dtype, k, cpu_gemm_isa):
+    x = torch.randn(7, k).to(dtype)
+    w = (torch.randn(65, k) / k**0.5).to(dtype)
+    b = torch.randn(65).to(dtype)
+    y = OPS.linear_relu(x, w, b, "relu")
+    torch.testing.assert_close(y, reference.linear_act(x.float(), w.float(), b.float(), "relu").to(dtype), **tol(dtype))
+
+
+def test_epilogue_nan(cpu_gemm_isa):
+    # ReLU keeps NaN (torch.relu does), and the backward mask lets the gradient through where y
+    # is NaN (threshold_backward does).
+    x = torch.randn(9, 20)
+    w = torch.randn(17, 20)
+    b = torch.zeros(17)
+    x[3, 4] = float("nan")
+    y = OPS.linear_relu(x, w, b, "relu")
+    ref = torch.relu(torch.nn.functional.linear(x, w, b))
+    assert torch.equal(y.isnan(), ref.isnan()) and y[3].isnan().all()
+    gy = torch.ones_like(y)
+    gx, gw, gb = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+    assert (gb == (y.isnan() | (y > 0)).sum(0)).all()
+    torch.testing.assert_close(gx[3], w.sum(0), **tol(torch.float32))  # all of row 3 passed the mask
+    assert gw[:, 4].isnan().all() and not gw[:, :4].isnan().any()
+
+
+ENGINES = [i for i in CPU_GEMM_ISAS if i != "aten"]
+
+
+@pytest.mark.parametrize("shape", [(1024, 300, 200), (5, 300, 700), (64, 1000, 100), (12, 100, 400)])
+@pytest.mark.parametrize("isa", ENGINES)
+def test_same_bits_for_any_thread_count(shape, isa):
+    # Work is split over rows or column panels of C, never over K: every element gets the same
+    # FMAs in the same order, so 1, 2 and 3 threads give identical bits. The shapes split by
+    # rows, by panels (5 rows), the seed's input layer, and one worth 2 tasks only: on 3 threads
+    # the OpenMP team then does not match the tasks and the phases run one region each.
+    m, k, n = shape
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    # (ATen's BLAS, the `aten` engine, makes no such promise: MKL gives other bits at 5 x 300
+    # x 700 on 1 and 2 threads.)
+    set_cpu_gemm(isa)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(forward_backward_fixed(x, w, b))
+            net = OPS.dynamic_net(x, w, b, torch.randn(n, n, generator=torch.Generator().manual_seed(1)) / n**0.5,
+                                  b, torch.randn(10, n, generator=torch.Generator().manual_seed(2)), torch.zeros(10), 2)
+            results[-1] += list(net)
+    finally:
+        torch.set_num_threads(threads)
+    for outputs in zip(*results):
+        assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def forward_backward_fixed(x, w, b):
+    y = OPS.linear_relu(x, w, b, "relu")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    return [y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])]
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def test_kernels_per_dtype(cpu_gemm_isa):
+    # float64 always keeps ATen's BLAS; bfloat16 runs on vdpbf16ps where the CPU has AVX512_BF16.
+    from dynnet_ext import _C
+
+    names = {d: _C.cpu_gemm_kernels(d) for d in ("float32", "bfloat16", "float16", "float64")}
+    assert names["float64"] == "aten"
+    assert names["float32"] == names["float16"] == cpu_gemm_isa
+    bf16 = "avx512_bf16" if cpu_gemm_isa == "avx512" and "avx512_bf16" in cpu_flags() else cpu_gemm_isa
+    assert names["bfloat16"] == bf16
+
+
+def test_engine_switch_and_errors():
+    from dynnet_ext import _C
+
+    assert _C.cpu_gemm_isa() in CPU_GEMM_ISAS and "aten" in CPU_GEMM_ISAS
+    with pytest.raises(RuntimeError, match="must be auto, avx512, avx2 or aten, got 'sse'"):
+        _C.set_cpu_gemm_isa("sse")
+
+
+def run_python(code, **env):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=root)
+
+
+@pytest.mark.parametrize("isa", CPU_GEMM_ISAS)
+def test_environment_variable_forces_the_engine(isa):
+    done = run_python("from dynnet_ext import _C; print(_C.cpu_gemm_isa())", DYNNET_EXT_CPU_GEMM=isa)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == isa
+
+
+def test_environment_variable_rejects_unknown_names():
+    done = run_python("import dynnet_ext", DYNNET_EXT_CPU_GEMM="avx1024")
+    assert done.returncode != 0
+    assert "DYNNET_EXT_CPU_GEMM must be auto, avx512, avx2 or aten, got 'avx1024'" in done.stderr
