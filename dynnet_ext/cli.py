@@ -169,6 +169,8 @@ def _cmd_train(args):
     if distributed:
         torch.distributed.barrier()  # no rank tears its connections down while a peer still talks
         torch.distributed.destroy_process_group()
+        global _left_process_group
+        _left_process_group = True
     steady = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
     say(f"done: {args.epochs} steps in {sum(times):.3f} s; step time median "
         f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
@@ -251,5 +253,22 @@ def main(argv=None):
     return args.func(args)
 
 
+_left_process_group = False  # set by `train` under torchrun once its process group is destroyed
+
+
+def run():
+    """The entry point of `python -m dynnet_ext` and `dynnet-ext`: main(), then exit. A torchrun
+    worker whose training finished and whose process group is destroyed leaves without the
+    interpreter's teardown: torch's gloo transport can abort the process there ("terminate
+    called without an active exception", seen now and then under load) after a complete,
+    successful run, which would turn its exit code into a failure."""
+    code = main()
+    if _left_process_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

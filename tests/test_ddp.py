@@ -4,6 +4,7 @@ processes started by torchrun) follows single-process training on the whole batc
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -17,13 +18,12 @@ STEPS = 6  # seed 0 draws depths 3, 3, 0, 2, 3, ...: depth 0 (hidden layer unuse
 
 WORKER = textwrap.dedent(
     f"""
-    import sys, torch
+    import sys
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    from torchrun import finish
     from dynnet_ext import cli, kernel_calls
     losses, _, depths, model = cli.train(epochs={STEPS}, seed=0, ddp=True, return_model=True, **{SHAPE!r})
-    torch.save({{"state": model.state_dict(), "losses": losses, "depths": depths, "calls": kernel_calls()}},
-               sys.argv[1] + f".rank{{torch.distributed.get_rank()}}")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish({{"state": model.state_dict(), "losses": losses, "depths": depths, "calls": kernel_calls()}}, sys.argv[1])
     """
 )
 

@@ -2,10 +2,10 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import torch
+
+from torchrun import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +62,5 @@ def test_scaling_out_recipes_run_under_torchrun(tmp_path):
     assert fsdp.endswith(end) and tp.count(start) == 1
     path = tmp_path / "recipes.py"
     path.write_text(fsdp[:-len(end)] + tp.replace(start, ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                           str(path)], capture_output=True, text=True, timeout=300)
+    proc = torchrun(str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,6 +3,8 @@ the workers (tests/*_worker.py) share. CPU runs use 2 gloo processes; CUDA runs 
 one process per GPU, at most 2 (NCCL cannot share a GPU between ranks, so with one GPU the run
 has one process, which still takes every distributed code path on the GPU)."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not GPUS, reason
 
 
 def torchrun(*args, nprocs=2, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
-                           "--standalone", *args], capture_output=True, text=True, timeout=timeout)
+    """torchrun ARGS in a session of its own; on timeout the whole session (launcher and workers)
+    is killed, so a hung worker cannot outlive the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", "--standalone", *args]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_worker(worker, device, out):
@@ -35,6 +47,11 @@ def finish(result, out):
     torch.save(result, f"{out}.rank{dist.get_rank()}")
     dist.barrier()  # no rank tears its connections down while a peer still talks
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown, as `python -m dynnet_ext train` does under
+    # torchrun (dynnet_ext.cli.run says why): the result is saved, the group left.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def comm_counts(mode):
