@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 
 #include "../common.h"
+#include "runtime.cuh"
 
 namespace dynnet {
 

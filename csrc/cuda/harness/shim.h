@@ -1,0 +1,144 @@
+// CUDA for the host compiler: what the project's kernels use of CUDA, so that the same kernel
+// source (csrc/cuda/*.cuh) compiles with g++ and runs on the CPU, in the tests' CUDA harness.
+// Included through ../runtime.cuh when DYNNET_CUDA_HARNESS is defined; never part of the wheel.
+//
+// Execution model (shim.cpp): a launch runs on one host thread, the harness's runner thread,
+// block after block; inside a block every CUDA thread is a fiber (its own stack, switched by a
+// few instructions), and the fibers run one at a time, each until it reaches __syncthreads() or
+// returns. When every thread still running waits at the same __syncthreads(), the barrier
+// opens. This is a legal schedule of the CUDA program, so a kernel that is correct on the GPU
+// gives the same result here - up to floating-point contraction: the host compiler does not
+// fuse a * b + c into one FMA where nvcc does, so the last bits may differ.
+//
+// What the shim checks and reports as an error naming the kernel, the block and the source line:
+//   - threads of a block waiting at different __syncthreads() call sites (a barrier in divergent
+//     code, a missing or extra barrier on some path); a thread that returns leaves the barrier,
+//     as on the GPU (sm_70 and later);
+//   - launch limits of sm_90: at most 1024 threads a block (x, y <= 1024, z <= 64), grid x up
+//     to 2^31 - 1, y and z up to 65535, no empty grid or block; dynamic shared memory above 48
+//     KiB only after allow_dynamic_smem<kernel>() (cudaFuncSetAttribute), and never above 227 KiB.
+// What it makes loud rather than silent:
+//   - __shared__ variables and dynamic shared memory are filled with NaN (all bits set) before
+//     every block: a read of shared memory that no thread of the block wrote gives NaN;
+//   - ../runtime.cuh's new_output() fills outputs with NaN: an element no thread writes shows;
+//   - the schedule order (threads within a phase, blocks within a grid) can be reversed
+//     (set_schedule): a race between threads of a block, or between blocks, then changes the
+//     result, which the tests' bitwise repeat comparisons catch.
+// The sanitizer build (AddressSanitizer + UBSan) adds bounds checks: global and dynamic shared
+// memory by ASan (each a heap block of its exact size), __shared__ arrays by UBSan's bounds checks.
+//
+// How __shared__ works here: `__shared__` becomes `static thread_local`. Only the runner thread
+// runs kernels, and it runs nothing else, so its copy of this library's thread-local storage is
+// the shared memory of the block it runs; the shim fills that whole copy with NaN before each
+// block. Consequence: device code must not use thread_local (or rely on static variables keeping
+// values across blocks) for anything else - neither may CUDA.
+//
+// To support a new built-in, add it here with its host meaning (and, if it synchronises threads,
+// to the scheduler in shim.cpp), and a kernel that uses it to tests/test_cuda_harness.py.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+#define __syncthreads() ::dynnet::harness::sync_block(__FILE__, __LINE__)
+#define threadIdx (::dynnet::harness::thread_idx())
+#define blockIdx (::dynnet::harness::block_idx())
+#define blockDim (::dynnet::harness::block_dim())
+#define gridDim (::dynnet::harness::grid_dim())
+
+constexpr int warpSize = 32;
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+namespace dynnet::harness {
+
+// The running thread's built-ins (valid inside a kernel only).
+const uint3& thread_idx();
+const uint3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+void sync_block(const char* file, int line);
+unsigned char* dynamic_smem_bytes();
+
+template <typename T>
+inline T* dynamic_smem() {
+  return reinterpret_cast<T*>(dynamic_smem_bytes());
+}
+
+// One launch: checks the configuration, then runs every block (body runs one thread's kernel
+// call). Errors throw c10::Error on the calling thread.
+void run_kernel(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                const std::function<void()>& body);
+void set_max_dynamic_smem_bytes(const char* name, const void* kernel, size_t bytes);
+
+// "dynnet::gemm_kernel<float, dynnet::Role::Forward, true, true>" from this function's signature.
+std::string kernel_name_from_signature(std::string_view pretty_function);
+
+template <auto kKernel>
+const char* kernel_name() {
+  static const std::string name = kernel_name_from_signature(__PRETTY_FUNCTION__);
+  return name.c_str();
+}
+
+template <typename F>
+struct KernelParams;
+template <typename... P>
+struct KernelParams<void (*)(P...)> {
+  using type = std::tuple<std::decay_t<P>...>;
+};
+
+template <auto kKernel>
+const void* kernel_key() {
+  return reinterpret_cast<const void*>(kKernel);
+}
+
+// kernel<<<grid, block, smem_bytes>>>(args...): the arguments are converted to the kernel's
+// parameter types once, as a CUDA launch copies them, and every thread gets its own copy.
+template <auto kKernel, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  const typename KernelParams<decltype(kKernel)>::type params(std::forward<Args>(args)...);
+  run_kernel(kernel_name<kKernel>(), kernel_key<kKernel>(), grid, block, smem_bytes,
+             [&params] { std::apply(kKernel, params); });
+}
+
+template <auto kKernel>
+void set_max_dynamic_smem(size_t bytes) {
+  set_max_dynamic_smem_bytes(kernel_name<kKernel>(), kernel_key<kKernel>(), bytes);
+}
+
+// For the harness module (module.cpp): the schedule order, and what ran.
+enum class Schedule { Forward, Reverse };
+void set_schedule(Schedule order);
+
+struct KernelStats {
+  int64_t launches = 0, blocks = 0, threads = 0, barriers = 0;  // barriers: opened, summed over blocks
+};
+std::vector<std::pair<std::string, KernelStats>> kernel_stats();
+void reset_kernel_stats();
+
+}  // namespace dynnet::harness
