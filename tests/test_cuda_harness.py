@@ -137,10 +137,10 @@ def test_ops_take_cpu_tensors_only(H):
 # inside grad_weight, the network's one-launch path with the shared-memory opt-in and the
 # 256-column layout, a last block of fewer than 8 rows, and the per-layer fallback. Each planted
 # bug (cuda_harness.PLANTED_BUGS) must fail it; `python tests/cuda_harness.py planted` checks.
+# float32 only: the planted-bug builds compile nothing else.
 
 PROBE_LINEAR = [((130,), 97, 100), ((2, 33), 40, 65)]
-PROBE_NET = [((37,), 45, 130, 7, 2, torch.float64), ((9,), 13, 5, 3, 3, torch.float32),
-             ((11,), 6, 257, 3, 1, torch.float64)]
+PROBE_NET = [((37,), 45, 251, 7, 2), ((9,), 13, 5, 3, 3), ((11,), 6, 257, 3, 1)]
 
 
 def _linear_params(lead, k, n, dtype):
@@ -173,7 +173,7 @@ def _net_params(lead, D_in, H, D_out, dtype):
             rand(D_out, H, scale=H**-0.5), rand(D_out)]
 
 
-def probe_net(ops, lead, D_in, H, D_out, depth, dtype):
+def probe_net(ops, lead, D_in, H, D_out, depth, dtype=torch.float32):
     """dynamic_net forward and backward (all seven grads) against stock autograd."""
     params = _net_params(lead, D_in, H, D_out, dtype)
     out, acts = ops.dynamic_net(*params, depth)
@@ -188,10 +188,9 @@ def probe_net(ops, lead, D_in, H, D_out, depth, dtype):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", PROBE_LINEAR, ids=str)
-def test_probe_linear_relu(H, shape, dtype):
-    probe_linear(H, *shape, dtype)
+def test_probe_linear_relu(H, shape):
+    probe_linear(H, *shape, torch.float32)
 
 
 @pytest.mark.parametrize("case", PROBE_NET, ids=str)

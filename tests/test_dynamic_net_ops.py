@@ -229,3 +229,60 @@ WIDTHS = [
 def test_network_kernel_paths(case, depth, device):
     *shape, dtype = case
     test_forward_and_backward_match_reference(tuple(shape), dtype, depth, device)
+
+
+@pytest.mark.parametrize("target", cuda_harness.targets())
+@pytest.mark.parametrize("case", [((100,), 70, 130, 20, 3), ((20,), 9, 257, 4, 2)], ids=["one-launch", "per-layer"])
+def test_network_repeats_bitwise(case, target):
+    # On the GPU: runs repeat bit for bit (no atomics). In the harness the repeat reverses the
+    # order threads and blocks run in, so a race between them would change the bits.
+    target = cuda_harness.Target(target)
+    *shape, depth = case
+    params = make(*shape, torch.float32, target.device)
+    g = torch.randn(shape[0][0], shape[3]).to(target.device)
+    runs = []
+    for order in ("forward", "reverse"):
+        with cuda_harness.schedule(target, order):
+            out, acts = target.ops.dynamic_net(*params, depth)
+            grads = target.ops.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, depth,
+                                                    [True] * 7)
+            runs.append((out, acts, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [((6,), 9, 5, 3), ((5,), 4, 3, 257)], ids=["one-launch", "per-layer"])
+def test_every_output_mask_subset(shape, device):
+    # Each of the 128 subsets gives the bits of the full call where asked, (0,) elsewhere. The
+    # per-layer path passes the mask on to linear_relu_backward, so subsets change what it runs.
+    ops, device = on(device)
+    params = make(*shape, torch.float64, device)
+    out, acts = ops.dynamic_net(*args_at(params, 2))
+    g = torch.randn_like(out)
+    args = (g, params[0], params[1], params[3], params[5], acts, 2)
+    full = ops.dynamic_net_backward(*args, [True] * 7)
+    for bits in range(128):
+        mask = [bool(bits >> i & 1) for i in range(7)]
+        for name, wanted, f, p in zip(NAMES, mask, full, ops.dynamic_net_backward(*args, mask)):
+            assert torch.equal(p, f) if wanted else p.shape == (0,), (name, mask)
+
+
+@pytest.mark.parametrize("target", cuda_harness.targets())
+@pytest.mark.parametrize("case", [((33,), 40, 130, 9, 2), ((7,), 5, 300, 3, 1)], ids=["one-launch", "per-layer"])
+def test_network_cpu_and_cuda_agree(case, target):
+    # The CPU kernels and the CUDA kernels on their target, on the same inputs.
+    target = cuda_harness.Target(target)
+    *shape, depth = case
+    params = make(*shape, torch.float64, "cpu")
+    moved = [p.to(target.device) for p in params]
+    out, acts = OPS.dynamic_net(*params, depth)
+    out_t, acts_t = target.ops.dynamic_net(*moved, depth)
+    torch.testing.assert_close(out_t.cpu(), out, **tol(torch.float64))
+    torch.testing.assert_close(acts_t.cpu(), acts, **tol(torch.float64))
+    g = torch.randn_like(out)
+    want = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, depth, [True] * 7)
+    got = target.ops.dynamic_net_backward(g.to(target.device), moved[0], moved[1], moved[3], moved[5],
+                                          acts.to(target.device), depth, [True] * 7)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a.cpu(), b, **tol(torch.float64), msg=lambda m: f"{name}: {m}")

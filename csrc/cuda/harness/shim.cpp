@@ -422,6 +422,8 @@ std::string dims(dim3 d) {
 
 // ---- the built-ins --------------------------------------------------------------------------
 
+int planted_bug = 0;
+
 const uint3& thread_idx() { return current->idx; }
 const uint3& block_idx() { return current_block; }
 const dim3& block_dim() { return current_block_dim; }

@@ -37,6 +37,8 @@
 // to the scheduler in shim.cpp), and a kernel that uses it to tests/test_cuda_harness.py.
 #pragma once
 
+#include <ATen/Dispatch.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -69,6 +71,16 @@ struct dim3 {
 #define gridDim (::dynnet::harness::grid_dim())
 
 constexpr int warpSize = 32;
+
+// The planted-bug build (tests/cuda_harness.py) compiles a generated copy of the kernels in which
+// each planted bug sits behind DYNNET_PLANTED(id), on when set_planted_bug(id) was called; and it
+// compiles them for float32 only, the dtype of the probe it runs (a quarter of the instantiations).
+#define DYNNET_PLANTED(id) (::dynnet::harness::planted_bug == (id))
+#ifdef DYNNET_HARNESS_FLOAT32_ONLY
+#undef AT_DISPATCH_FLOATING_TYPES_AND2
+#define AT_DISPATCH_FLOATING_TYPES_AND2(T1, T2, TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__))
+#endif
 
 template <typename T>
 inline T __ldg(const T* p) {
@@ -130,6 +142,8 @@ template <auto kKernel>
 void set_max_dynamic_smem(size_t bytes) {
   set_max_dynamic_smem_bytes(kernel_name<kKernel>(), kernel_key<kKernel>(), bytes);
 }
+
+extern int planted_bug;  // 0: none
 
 // For the harness module (module.cpp): the schedule order, and what ran.
 enum class Schedule { Forward, Reverse };
