@@ -29,7 +29,7 @@
 // all N rows is staged in shared memory with coalesced loads (stride ldw odd: no bank conflicts).
 // Backward weights are read as (K, N) row-major, along N: straight from global memory, coalesced.
 //
-// Precision: as linear_relu.cu: accumulation in opmath (float for half types, double for double);
+// Precision: as linear_relu.cuh: accumulation in opmath (float for half types, double for double);
 // every activation and gradient is rounded to the dtype where stock rounds it (each layer's
 // output), and the next layer reads the rounded value. Bias gradients accumulate in
 // acc_type<scalar_t, false> (double for float), as everywhere in dynnet.

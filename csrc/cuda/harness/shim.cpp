@@ -149,6 +149,7 @@ std::vector<unsigned char> dynamic_smem_buffer;  // sized per launch: exactly wh
 unsigned char* dynamic_smem_ptr = nullptr;
 const Launch* current_launch = nullptr;
 Schedule schedule_order = Schedule::Forward;
+bool abandoned_frames = false;  // a failed block left fibers mid-kernel (ASan: their stacks stay poisoned)
 
 std::mutex stats_mutex;
 std::map<std::string, KernelStats> stats;
@@ -291,7 +292,7 @@ int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = fiber(t);
 #if DYNNET_ASAN
-    __asan_unpoison_memory_region(f.stack, kStackBytes);  // frames a failed block left behind
+    if (abandoned_frames) __asan_unpoison_memory_region(f.stack, kStackBytes);
 #endif
     make_context(f.ctx, f.stack, kStackBytes, fiber_main);
     f.idx = {t % l.block.x, t / l.block.x % l.block.y, t / (l.block.x * l.block.y)};
@@ -299,6 +300,7 @@ int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
     f.error.clear();
     f.fake_stack = nullptr;
   }
+  abandoned_frames = false;
   int64_t barriers = 0;
   for (;;) {
     for (unsigned i = 0; i < n; ++i) {
@@ -306,18 +308,28 @@ int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
       if (f.state != State::Ready) continue;
       resume(f);
       if (f.state == State::Failed) {
+        abandoned_frames = true;
         throw std::runtime_error(where(l, b) + ", thread " + std::to_string(f.id) + ": " + f.error);
       }
     }
-    // Every thread now waits at a barrier or has returned.
-    std::map<std::pair<std::string, int>, std::vector<unsigned>> sites;
-    std::vector<unsigned> returned;
+    // Every thread now waits at a barrier or has returned: at one barrier, or it is an error.
+    const Fiber* first = nullptr;
+    bool one_site = true;
     for (unsigned t = 0; t < n; ++t) {
-      if (fibers[t]->state == State::AtBarrier) sites[{fibers[t]->file, fibers[t]->line}].push_back(t);
-      if (fibers[t]->state == State::Done) returned.push_back(t);
+      const Fiber& f = *fibers[t];
+      if (f.state != State::AtBarrier) continue;
+      if (first == nullptr) first = &f;
+      one_site = one_site && f.line == first->line && (f.file == first->file || !std::strcmp(f.file, first->file));
     }
-    if (sites.empty()) return barriers;
-    if (sites.size() > 1) {
+    if (first == nullptr) return barriers;
+    if (!one_site) {
+      abandoned_frames = true;
+      std::map<std::pair<std::string, int>, std::vector<unsigned>> sites;
+      std::vector<unsigned> returned;
+      for (unsigned t = 0; t < n; ++t) {
+        if (fibers[t]->state == State::AtBarrier) sites[{fibers[t]->file, fibers[t]->line}].push_back(t);
+        if (fibers[t]->state == State::Done) returned.push_back(t);
+      }
       std::ostringstream out;
       out << where(l, b) << ": threads wait at different __syncthreads() in one phase (a barrier in divergent "
           << "code deadlocks or misbehaves on the GPU):";
