@@ -1,11 +1,12 @@
 // Shared host-side helpers for the dynnet ops: input validation (used by every dispatch key,
-// so CPU and CUDA reject exactly the same inputs with the same messages), ceil_div, and the
-// activation enum parsed once from the op's string argument.
+// so CPU and CUDA reject exactly the same inputs with the same messages), ceil_div, the
+// activation enum parsed once from the op's string argument, and the kernel call counter.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 
 namespace dynnet {
@@ -17,6 +18,15 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "none") return Activation::None;
   TORCH_CHECK(false, "dynnet: activation must be 'relu' or 'none', got '", std::string(name), "'");
 }
+
+// The device kernels of the four ops count their calls (a relaxed atomic increment at entry, a
+// few ns), so a test - or a user - can prove that a result came from dynnet's kernels and not
+// from a stock fallback: dynnet_ext.ops.kernel_calls(). Defined in ops.cpp.
+enum class KernelOp { LinearRelu, LinearReluBackward, DynamicNet, DynamicNetBackward, kCount };
+void count_kernel_call(KernelOp op, c10::DeviceType device);
+constexpr size_t kNumKernelOps = static_cast<size_t>(KernelOp::kCount);
+constexpr std::array<const char*, kNumKernelOps> kKernelOpNames = {"linear_relu", "linear_relu_backward",
+                                                                   "dynamic_net", "dynamic_net_backward"};
 
 template <typename T>
 constexpr T ceil_div(T a, T b) {

@@ -24,8 +24,25 @@
 
 #include <torch/extension.h>
 
+#include <array>
+#include <atomic>
+
 #include "common.h"
 #include "dispatch.h"
+
+namespace dynnet {
+namespace {
+
+// [0]: CPU kernels, [1]: CUDA kernels.
+std::array<std::array<std::atomic<int64_t>, kNumKernelOps>, 2> kernel_call_counts{};
+
+}  // namespace
+
+void count_kernel_call(KernelOp op, c10::DeviceType device) {
+  kernel_call_counts[device == c10::DeviceType::CUDA][static_cast<size_t>(op)].fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace dynnet
 
 TORCH_LIBRARY(dynnet, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
@@ -59,6 +76,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("dynamic_net", &dynnet::call_dynamic_net, pybind11::arg("x"), pybind11::arg("w_in"),
              pybind11::arg("b_in"), pybind11::arg("w_h"), pybind11::arg("b_h"), pybind11::arg("w_out"),
              pybind11::arg("b_out"), pybind11::arg("depth"));
+  module.def("kernel_calls", []() {
+    pybind11::dict calls;
+    for (const auto& [device, row] : {std::pair{"cpu", 0}, std::pair{"cuda", 1}}) {
+      pybind11::dict per_op;
+      for (size_t op = 0; op < dynnet::kNumKernelOps; ++op)
+        per_op[dynnet::kKernelOpNames[op]] = dynnet::kernel_call_counts[row][op].load(std::memory_order_relaxed);
+      calls[device] = per_op;
+    }
+    return calls;
+  });
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;

@@ -10,6 +10,8 @@ Subjects (each timed per shape, implementations interleaved rep by rep):
           step), depths cycled 0,1,2,3 over the iterations
   memory  of a training step at depth 3: bytes autograd saves for backward (every device) and,
           on CUDA, the peak allocation above the pre-step baseline
+  persample  per-sample gradients of the seed's loss, torch.func.vmap(torch.func.grad(loss)),
+          at each depth 0-3 (what differential-privacy training computes)
 """
 
 import argparse
@@ -29,13 +31,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SUBJECTS = ("layer", "net", "step", "memory")
+SUBJECTS = ("layer", "net", "step", "memory", "persample")
 IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
          "addmm-activation")
 DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile"), "cuda": IMPLS}
 # Implementations that exist for one subject kind only: a layer's forward (addmm-activation), a
 # network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again).
 LAYER_ONLY, NET_ONLY = ("addmm-activation",), ("fused-layer",)
+# Per-sample gradients: the fused models, stock, and torch.compile of stock's vmap(grad) function
+# (the CUDA-graph compile modes are left out: the function returns a fresh dict of gradients).
+PERSAMPLE_IMPLS = ("fused", "fused-layer", "stock", "compile")
+# Per-sample gradients take N times the parameters' memory: shapes above this are not measured
+# (of the default sweep, 1024x1000x100 and 64x1024x1024).
+PERSAMPLE_MAX_BYTES = 128 * 2**20
 LAYER_PHASES = ("forward", "backward", "forward+backward")
 DEPTHS = (0, 1, 2, 3)
 MEMORY_DEPTH = 3  # the deepest graph the seed draws: the peak over its steps
@@ -354,6 +362,29 @@ class NetCase:
 
         return {impl: runner(impl) for impl in self.models}
 
+    def persample_runners(self, depth):
+        """Per-sample gradients of the seed's loss: vmap(grad(loss)) over the batch, with the
+        parameters detached (as the torch.func documentation does). `compile` compiles stock's
+        function (the stock model, not the compiled module: torch.compile wraps the whole
+        vmap(grad) function, once per depth, during warm-up)."""
+        from torch.func import functional_call, grad, vmap
+
+        runners = {}
+        for impl in self.models:
+            if impl not in PERSAMPLE_IMPLS:
+                continue
+            model = self.models["stock" if impl == "compile" else impl]
+            params = {n: p.detach() for n, p in model.named_parameters()}
+
+            def loss(p, x, t, model=model):
+                return self.loss_fn(functional_call(model, p, (x, depth)), t)
+
+            fn = vmap(grad(loss), in_dims=(None, 0, 0))
+            if impl == "compile":
+                fn = torch.compile(fn)
+            runners[impl] = Runner(lambda fn=fn, params=params: fn(params, self.x, self.label))
+        return runners
+
     def saved_tensor_bytes(self, impl, depth):
         """Bytes of the distinct storages autograd saves for backward in one forward, without
         the parameters and the input batch (which exist anyway): the activation memory."""
@@ -448,7 +479,15 @@ def _plan(subjects, shapes):
             plan.append((shape, "step", "train-step", STEP_DEPTHS))
         if "memory" in subjects:
             plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH))
+        if "persample" in subjects and persample_bytes(shape) <= PERSAMPLE_MAX_BYTES:
+            plan += [(shape, "persample", "vmap-grad", d) for d in DEPTHS]
     return plan
+
+
+def persample_bytes(shape):
+    """float32 bytes of one batch's per-sample gradients: N copies of the parameters."""
+    n, d_in, h = parse_shape(shape)
+    return 4 * n * ((d_in + 1) * h + (h + 1) * h + (h + 1) * D_OUT)
 
 
 def _dims(subject, shape):
@@ -534,6 +573,10 @@ def run(args):
         print(f"dynnet_ext bench: {device} ({machine['gpu'] or machine['cpu_model']}), {threads} threads, "
               f"torch {torch.__version__}, commit {(machine['git_commit'] or 'unknown')[:10]}"
               f"{' (dirty)' if machine['git_dirty'] else ''}; impls {','.join(impls)}", file=sys.stderr)
+        too_big = [s for s in shapes if persample_bytes(s) > PERSAMPLE_MAX_BYTES] if "persample" in subjects else []
+        if too_big:
+            print(f"dynnet_ext bench: persample skips {','.join(too_big)} (per-sample gradients over "
+                  f"{PERSAMPLE_MAX_BYTES // 2**20} MiB)", file=sys.stderr)
         t_start = time.perf_counter()
         rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3)
         config["duration_s"] = round(time.perf_counter() - t_start, 1)
@@ -572,7 +615,8 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s):
                 new = _memory_rows(case, key, device)
             else:
                 runners = (case.runners(phase) if subject == "layer" else
-                           case.net_runners(depth) if subject == "net" else case.step_runners())
+                           case.net_runners(depth) if subject == "net" else
+                           case.persample_runners(depth) if subject == "persample" else case.step_runners())
                 new = _time_rows(runners, key, device, reps, warmup_s, target_s)
         except Exception as exc:  # noqa: BLE001 - recorded in results.json and the exit code
             message = f"{type(exc).__name__}: {exc}"
@@ -586,7 +630,7 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s):
 
 def _sorted(rows, shapes):
     """Subject-major order: subject, phase, depth, shape (as given), implementation."""
-    phases = [*LAYER_PHASES, "train-step", "saved-tensors", "peak-allocated"]
+    phases = [*LAYER_PHASES, "train-step", "saved-tensors", "peak-allocated", "vmap-grad"]
     return sorted(rows, key=lambda r: (SUBJECTS.index(r["subject"]), phases.index(r["phase"]),
                                        str(r["depth"]), shapes.index(r["shape"]), IMPLS.index(r["impl"])))
 
@@ -665,6 +709,8 @@ def _panel_title(subject, phase, depth):
         return f"net forward+backward, depth {depth}"
     if subject == "step":
         return "training step (depths 0-3 cycled)"
+    if subject == "persample":
+        return f"per-sample gradients vmap(grad), depth {depth}"
     return f"memory: {phase} (stock / impl), depth {depth}"
 
 

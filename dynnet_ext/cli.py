@@ -26,37 +26,64 @@ def build_model(impl, D_in, H, D_out, device):
     return models.DynamicNet(D_in, H, D_out, device=device, fusion="network" if impl == "fused" else "layer")
 
 
+FSDP_WRAPS = ("layers", "root")
+
+
+def shard_fsdp(model, device, wrap="layers", param_dtype=None):
+    """FSDP2 over all processes: wrap="layers" is the per-module recipe (fully_shard each layer,
+    then the root), wrap="root" shards only the root. param_dtype (e.g. torch.bfloat16) computes
+    with parameters in that dtype and reduces gradients in float32 (MixedPrecisionPolicy)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if wrap not in FSDP_WRAPS:
+        raise ValueError(f"fsdp_wrap must be one of {FSDP_WRAPS}, got {wrap!r}")
+    mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    if wrap == "layers":
+        for layer in (model.input_layer, model.hidden_layer, model.output_layer):
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+    return fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
 def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=1000, H=100, D_out=10,
-          log=None, ddp=False, return_model=False):
+          log=None, ddp=False, fsdp=False, fsdp_wrap="layers", param_dtype=None, on_step=None,
+          return_model=False):
     """The seed's training loop. Returns (losses, step_seconds, depths[, model]).
 
     Data, weights and depths come from `seed` in the seed's order (inputs, labels, model), so
     impl='fused' and impl='stock' see identical numbers. `log(epoch, loss, depth)` is called
-    after each step.
+    after each step, `on_step(model, pred)` too (tests read the gradients there).
 
-    ddp=True trains under torch.distributed (start with torchrun; gloo on CPU, NCCL on CUDA):
-    every rank makes the same data and weights, trains on its 1/world_size slice of the batch
-    with DistributedDataParallel, and gets the same depth as rank 0 (broadcast each step). The
-    loss is a sum over the batch, so each rank's loss is scaled by world_size before backward:
-    DDP averages gradients, and the average of world_size * (slice gradient) is the full-batch
-    gradient. Parameters thus follow single-process training on the whole batch; the reported
-    loss is the full batch's (summed over ranks).
+    ddp=True or fsdp=True trains under torch.distributed (start with torchrun; gloo on CPU, NCCL
+    on CUDA): every rank makes the same data and weights, trains on its 1/world_size slice of
+    the batch, and gets the same depth as rank 0 (broadcast each step, so all ranks run the
+    same graph). ddp wraps the model in DistributedDataParallel; fsdp shards it with FSDP2
+    (shard_fsdp: fsdp_wrap and param_dtype as there). The loss is a sum over the batch, so each
+    rank's loss is scaled by world_size before backward: both average gradients over ranks,
+    and the average of world_size * (slice gradient) is the full-batch gradient. Parameters thus
+    follow single-process training on the whole batch; the reported loss is the full batch's
+    (summed over ranks).
     """
+    if ddp and fsdp:
+        raise ValueError("ddp and fsdp are two ways to train data-parallel: choose one")
     torch.manual_seed(seed)
     random.seed(seed)
     x = torch.randn(N, D_in)
     label = torch.randn(N, D_out)
+    distributed = ddp or fsdp
     world, rank = 1, 0
-    if ddp:
+    if distributed:
         import torch.distributed as dist
 
+        if str(device).startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
         world, rank = dist.get_world_size(), dist.get_rank()
         if N % world:
-            raise ValueError(f"--ddp: the batch N={N} must divide evenly over {world} processes")
-        if str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            raise ValueError(f"the batch N={N} must divide evenly over {world} processes")
         x, label = x.chunk(world)[rank], label.chunk(world)[rank]
     x, label = x.to(device), label.to(device)
     model = build_model(impl, D_in, H, D_out, device)
@@ -66,22 +93,24 @@ def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=10
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None,
             find_unused_parameters=True)
+    elif fsdp:
+        shard_fsdp(model, device, fsdp_wrap, param_dtype)  # in place: model's parameters become shards
     loss_fn = torch.nn.MSELoss(reduction="sum")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses, times, depths = [], [], []
     for epoch in range(epochs):
         t0 = time.perf_counter()
         depth = random.randint(0, 3)
-        if ddp:
+        if distributed:
             drawn = torch.tensor([depth], device=device)
             dist.broadcast(drawn, src=0)  # every rank must run the same graph
             depth = int(drawn.item())
         pred = net(x, depth)
-        loss = loss_fn(pred, label)
+        loss = loss_fn(pred.to(label.dtype), label)  # a mixed-precision pred: the loss in float32
         optimizer.zero_grad()
-        (loss * world if ddp else loss).backward()
+        (loss * world if distributed else loss).backward()
         optimizer.step()
-        if ddp:
+        if distributed:
             loss = loss.detach().clone()
             dist.all_reduce(loss)  # the full batch's loss
         value = loss.item()  # synchronises, so the step time below is complete
@@ -90,6 +119,8 @@ def train(epochs=100, device="cpu", seed=0, impl="fused", lr=1e-4, N=64, D_in=10
         depths.append(depth)
         if log:
             log(epoch, value, depth)
+        if on_step:
+            on_step(model, pred)
     return (losses, times, depths, model) if return_model else (losses, times, depths)
 
 
@@ -98,10 +129,16 @@ def _cmd_train(args):
         sys.exit(f"dynnet_ext train: --device {args.device} asked for, but torch sees no CUDA GPU")
     if args.epochs < 1:
         sys.exit("dynnet_ext train: --epochs must be at least 1")
-    if args.ddp and "RANK" not in os.environ:
-        sys.exit("dynnet_ext train: --ddp runs under torchrun, e.g. "
-                 "torchrun --nproc_per_node=2 -m dynnet_ext train --ddp")
-    reporting = int(os.environ.get("RANK", "0")) == 0 if args.ddp else True  # rank 0 speaks for all
+    if args.ddp and args.fsdp:
+        sys.exit("dynnet_ext train: --ddp and --fsdp are two ways to train data-parallel: choose one")
+    if not args.fsdp and (args.fsdp_wrap or args.fsdp_param_dtype):
+        sys.exit("dynnet_ext train: --fsdp-wrap and --fsdp-param-dtype go with --fsdp")
+    distributed = args.ddp or args.fsdp
+    if distributed and "RANK" not in os.environ:
+        flag = "--ddp" if args.ddp else "--fsdp"
+        sys.exit(f"dynnet_ext train: {flag} runs under torchrun, e.g. "
+                 f"torchrun --nproc_per_node=2 -m dynnet_ext train {flag}")
+    reporting = int(os.environ.get("RANK", "0")) == 0 if distributed else True  # rank 0 speaks for all
     say = print if reporting else (lambda *a, **k: None)
     width, bar = len(str(args.epochs)), 20
 
@@ -110,13 +147,26 @@ def _cmd_train(args):
         say(f"[{'#' * done}{'.' * (bar - done)}] epoch {epoch + 1:>{width}}/{args.epochs} "
             f"depth {depth} loss {loss}", flush=True)
 
-    ddp = f", DDP over {os.environ.get('WORLD_SIZE')} processes" if args.ddp else ""
+    param_dtype = getattr(torch, args.fsdp_param_dtype) if args.fsdp_param_dtype else None
+    wrap = args.fsdp_wrap or "layers"
+    if args.ddp:
+        parallel = f", DDP over {os.environ.get('WORLD_SIZE')} processes"
+    elif args.fsdp:
+        parallel = (f", FSDP2 over {os.environ.get('WORLD_SIZE')} processes, {wrap} sharded"
+                    + (f", {args.fsdp_param_dtype} parameters" if param_dtype else ""))
+    else:
+        parallel = ""
     say(f"dynnet_ext train: impl={args.impl} device={args.device} epochs={args.epochs} seed={args.seed} "
         f"N={args.N} D_in={args.D_in} H={args.H} D_out={args.D_out} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads{ddp})")
+        f"{torch.get_num_threads()} threads{parallel})")
+    from .ops import kernel_calls
+
+    before = kernel_calls()
     losses, times, depths = train(args.epochs, args.device, args.seed, args.impl, args.lr,
-                                  args.N, args.D_in, args.H, args.D_out, log=log, ddp=args.ddp)
-    if args.ddp:
+                                  args.N, args.D_in, args.H, args.D_out, log=log, ddp=args.ddp, fsdp=args.fsdp,
+                                  fsdp_wrap=wrap, param_dtype=param_dtype)
+    after = kernel_calls()
+    if distributed:
         torch.distributed.barrier()  # no rank tears its connections down while a peer still talks
         torch.distributed.destroy_process_group()
     steady = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
@@ -124,6 +174,9 @@ def _cmd_train(args):
         f"{statistics.median(steady) * 1e3:.3f} ms (min {min(steady) * 1e3:.3f} ms); "
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; depths 0/1/2/3 drawn "
         + "/".join(str(depths.count(d)) for d in range(4)) + " times")
+    ran = [f"{device}.{op} x{after[device][op] - before[device][op]}"
+           for device in after for op in after[device] if after[device][op] > before[device][op]]
+    say("dynnet kernels run: " + (", ".join(ran) if ran else "none (stock PyTorch computed everything)"))
     return 0
 
 
@@ -170,6 +223,14 @@ def make_parser():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ddp", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="sharded data-parallel (FSDP2 fully_shard) over the processes torchrun starts "
+                        "(gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--fsdp-wrap", choices=FSDP_WRAPS,
+                   help="layers (default): fully_shard each layer, then the root (FSDP's per-module recipe); "
+                        "root: the root only")
+    p.add_argument("--fsdp-param-dtype", choices=["bfloat16", "float16"],
+                   help="FSDP mixed precision: compute with parameters in this dtype, reduce gradients in float32")
     for name, value in SEED_SHAPE.items():
         p.add_argument(f"--{name}", type=int, default=value)
     p.set_defaults(func=_cmd_train)

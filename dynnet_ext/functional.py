@@ -2,16 +2,20 @@
 (its autograd formula registered in C++, csrc/autograd.cpp: the same formula as the Python
 LinearReLUFunction without the Python per-call cost) -> CPU or CUDA kernel. In eager mode the
 op is called through _C.linear_relu, the same dispatcher call minus torch.ops' Python-side
-argument handling; torch.compile and tensors with __torch_function__ get torch.ops.
+argument handling; torch.compile and tensors with __torch_function__ get torch.ops. Under a
+torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) or a
+torch.autograd.forward_ad dual level, which refuse the C++ autograd node, the same op goes
+through the Python autograd.Functions of dynnet_ext.ops, which carry vmap and jvp rules.
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
-float32/64, float16, bfloat16) go through stock PyTorch instead, with the same results."""
+float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through
+stock PyTorch instead, with the same results."""
 
 import torch
 from torch.overrides import has_torch_function
 
 from . import reference
-from .ops import SUPPORTED_DTYPES, _C, has_kernels
+from .ops import FORCE_STOCK, SUPPORTED_DTYPES, DynamicNetFunction, LinearReLUJvpFunction, _C, has_kernels, transforms_active
 
 
 def _autocast_dtype(device_type):
@@ -29,7 +33,7 @@ def _autocast(x, *tensors):
 
 
 def _eligible(x):
-    return has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
+    return not FORCE_STOCK and has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
 
 
 def _linear(x, weight, bias, activation):
@@ -39,6 +43,8 @@ def _linear(x, weight, bias, activation):
     if _eligible(x):
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
+        if transforms_active():
+            return LinearReLUJvpFunction.apply(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
     return reference.linear_act(x, weight, bias, activation)
 
@@ -71,5 +77,7 @@ def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
         args = (x, w_in, b_in, w_h, b_h, w_out, b_out)
         if torch.compiler.is_compiling() or has_torch_function(args):
             return torch.ops.dynnet.dynamic_net(*args, depth)[0]
+        if transforms_active():
+            return DynamicNetFunction.apply(*args, depth)[0]
         return _C.dynamic_net(*args, depth)[0]
     return reference.dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)

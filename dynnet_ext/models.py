@@ -2,6 +2,8 @@
 random 0-3 times per forward), with the seed's attribute names, so a checkpoint of the stock
 model (dynnet_ext.reference.DynamicNet, or the seed's own class) loads unchanged."""
 
+import sys
+
 from torch import nn
 
 from . import functional
@@ -20,7 +22,8 @@ class DynamicNet(nn.Module):
     inside it. fusion="layer": one fused Linear+ReLU op per layer, as the submodules compute
     when called. Both give stock PyTorch's results. The submodules (input_layer, hidden_layer,
     output_layer) hold the parameters either way; with fusion="network" their forward hooks
-    are not called, since the network does not call them.
+    are not called, since the network does not call them - except FSDP2's (fully_shard), which
+    the network runs itself (see _fsdp_forward).
     """
 
     def __init__(self, D_in, H, D_out, device=None, dtype=None, fusion="network"):
@@ -43,8 +46,15 @@ class DynamicNet(nn.Module):
         inp, hid, out = self.input_layer, self.hidden_layer, self.output_layer
         # At depth 0 the hidden layer is left out of the graph, as in the stock model: its
         # gradients stay None and DDP's find_unused_parameters sees it unused.
-        w_h, b_h = (hid.weight, hid.bias) if depth else (None, None)
-        return functional.dynamic_net(x, inp.weight, inp.bias, w_h, b_h, out.weight, out.bias, depth)
+        if not depth:
+            hid = None
+        # FSDP2's module class (torch >= 2.6); no layer is sharded unless FSDP was imported.
+        fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+        if fsdp_module is not None and (isinstance(inp, fsdp_module) or isinstance(hid, fsdp_module)
+                                        or isinstance(out, fsdp_module)):
+            sharded = [layer for layer in (inp, hid, out) if isinstance(layer, fsdp_module)]
+            return _fsdp_forward(sharded, _network, x, inp, hid, out, depth)
+        return _network(x, inp, hid, out, depth)
 
     def __setstate__(self, state):
         state.setdefault("fusion", "network")  # a model pickled before the flag existed
@@ -52,3 +62,60 @@ class DynamicNet(nn.Module):
 
     def extra_repr(self):
         return f"fusion={self.fusion!r}"
+
+
+def _network(x, inp, hid, out, depth):
+    """The whole network in one op, with the layers' parameters as they are now (hid None: depth 0)."""
+    w_h, b_h = (hid.weight, hid.bias) if hid is not None else (None, None)
+    params = (inp.weight, inp.bias, w_h, b_h, out.weight, out.bias)
+    try:
+        return functional.dynamic_net(x, *params, depth)
+    except RuntimeError as exc:
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        if dtensor and not isinstance(x, dtensor.DTensor) and any(isinstance(p, dtensor.DTensor) for p in params):
+            raise RuntimeError(
+                "DynamicNet(fusion='network') got DTensor parameters (tensor-parallel, e.g. from "
+                "parallelize_module) and a plain input: the whole network runs as one op, which has no "
+                "tensor-parallel form (the hidden layer feeds itself, so every layer would need the whole "
+                "activation). Use DynamicNet(..., fusion='layer') with dynnet_ext.parallel.ColwiseParallel / "
+                "RowwiseParallel, or FSDP (fully_shard), which gathers the parameters for the op.") from exc
+        raise
+
+
+# FSDP2 and fusion="network". fully_shard(layer) replaces the layer's parameters by shards and
+# gathers them in a forward pre-hook on the layer (and re-gathers them in a hook before its
+# backward, reduce-scatters the gradients after it, frees the gathered copy after forward when
+# reshard_after_forward is set, casts for a MixedPrecisionPolicy, records the order for
+# prefetching). The network op never calls the layers, so those hooks would not run and the op
+# would see shards. Of the ways to give one op the gathered parameters:
+#   - gather by hand with FSDPModule.unshard()/reshard(): public, but it only gathers; the
+#     post-backward reduce-scatter, the pre-backward re-gather, the input casts and the prefetch
+#     bookkeeping would have to be rebuilt outside FSDP;
+#   - fall back to one op per layer when a layer is sharded: gives up the network fusion;
+#   - ask users to shard only the root (or group the layers): works (root-only wrapping does),
+#     but the per-module recipe FSDP documents would keep failing;
+#   - run each sharded layer's own FSDP pre- and post-forward hooks around the one op, as if the
+#     op were the forward of every layer it reads: FSDP then does all of the above itself,
+#     exactly as for a layer called normally. That is what this does - the same two calls that
+#     torch.distributed.fsdp.register_fsdp_forward_method wraps around a method, made here for
+#     several layers around one op (register_fsdp_forward_method can only wrap a method of one
+#     module). FSDPModule._get_fsdp_state and the state's _pre_forward/_post_forward are FSDP's
+#     own, not public API: tests/test_fsdp.py checks the behaviour (gather, reshard, one
+#     reduce-scatter per layer inside the backward, results equal to one process) on every run.
+# The hooks run in the layers' forward order, so FSDP records the order a per-layer forward
+# would (what its backward prefetching follows); the input passes through each pre-hook, which
+# ties each layer's post-backward reduce-scatter to the op's backward, and FSDP's final backward
+# callback reduce-scatters any layer whose hook autograd did not reach (an input that needs no
+# gradient). At depth 0 the hidden layer is not part of the call, as when stock skips it.
+
+
+def _fsdp_forward(layers, fn, x, *args):
+    """fn(x, *args) between the FSDP pre- and post-forward hooks of each of `layers`
+    (FSDPModules), which see x as the layer's input."""
+    states = [(layer, layer._get_fsdp_state()) for layer in layers]
+    for layer, state in states:
+        (x,), _ = state._pre_forward(layer, (x,), {})  # gather; cast x; tie the post-backward reduce-scatter to x
+    y = fn(x, *args)
+    for layer, state in states:
+        y = state._post_forward(layer, (x,), y)  # reshard; register the re-gather before backward
+    return y

@@ -39,6 +39,23 @@ class FusedLinear(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @classmethod
+    def from_linear(cls, linear):
+        """The fused layer computing what `linear` (an nn.Linear) computes, plus the ReLU for
+        FusedLinearReLU, with `linear`'s parameters: the same Parameter objects, so nothing is
+        copied, no random numbers are drawn, and optimizers that hold them keep working."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        else:
+            layer.register_parameter("bias", None)
+        return layer.train(linear.training)
+
     def forward(self, x):
         return functional.fused_linear(x, self.weight, self.bias)
 

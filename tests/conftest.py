@@ -1,9 +1,22 @@
-"""Shared test settings: the devices to run on and the tolerance table per dtype."""
+"""Shared test settings: the devices to run on, the tolerance table per dtype, and `ran`, the
+fixture with which a test of the fused path proves that dynnet's kernels computed its results.
+
+`ran`: `with ran("dynamic_net", "dynamic_net_backward", device=device): ...` fails the test
+(KernelNotRun) unless each named op's compiled kernel ran on that device inside the block;
+`ran.reported(calls, *ops)` checks counts that a subprocess reported (dynnet_ext.kernel_calls()
+differences). Every test that requests `ran` is marked `fused`. With DYNNET_EXT_FORCE_STOCK=1
+(stock PyTorch everywhere) each such test must fail on that check: CI runs
+`DYNNET_EXT_FORCE_STOCK=1 pytest -m fused` and a fused test that still passes, or fails for
+another reason, fails the run; one that fails on the kernel check is reported as xfailed.
+"""
+
+import contextlib
 
 import pytest
 import torch
 
 import dynnet_ext
+from dynnet_ext.ops import FORCE_STOCK, kernel_calls
 
 # (atol, rtol) per dtype for a fused result against the stock reference computed in the SAME
 # dtype. Both sides round each product/sum at the dtype's precision but may order the K-long
@@ -40,3 +53,78 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class KernelNotRun(AssertionError):
+    """A fused-path test's results did not come from dynnet's kernels."""
+
+
+def _missing(delta, ops):
+    return [op for op in ops if delta.get(op, 0) <= 0]
+
+
+class KernelCheck:
+    def __init__(self):
+        self.used = False
+
+    @contextlib.contextmanager
+    def __call__(self, *ops, device="cpu"):
+        """Fails unless each op in `ops` ran its `device` kernel inside the block. A failure
+        inside the block is reported as KernelNotRun too when the kernels did not run (a stock
+        fallback usually fails a fused-path assertion before the block ends)."""
+        assert ops, "name the ops whose kernels must run"
+        self.used = True
+        kind = torch.device(device).type
+        before = kernel_calls()[kind]
+
+        def missing():
+            after = kernel_calls()[kind]
+            return _missing({op: after[op] - before[op] for op in ops}, ops)
+
+        try:
+            yield
+        except Exception as exc:
+            if missing():
+                raise KernelNotRun(f"dynnet {kind} kernels did not run: {missing()} ({exc})") from exc
+            raise
+        lost = missing()
+        if lost:
+            raise KernelNotRun(f"dynnet {kind} kernels did not run: {lost}")
+
+    def reported(self, calls, *ops, device="cpu"):
+        """Checks kernel call counts a subprocess reported: calls[device][op] > 0 for each op."""
+        self.used = True
+        lost = _missing(calls.get(torch.device(device).type, {}), ops)
+        if lost:
+            raise KernelNotRun(f"dynnet {device} kernels did not run in the subprocess: {lost} (reported {calls})")
+
+
+@pytest.fixture
+def ran():
+    return KernelCheck()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fused: the test proves with `ran` that dynnet's kernels ran (CI runs these "
+                                       "again with DYNNET_EXT_FORCE_STOCK=1 and requires each to fail that check)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ran" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fused)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not FORCE_STOCK or report.when != "call" or "ran" not in getattr(item, "fixturenames", ()):
+        return
+    if call.excinfo is not None and call.excinfo.errisinstance(KernelNotRun):
+        report.outcome = "skipped"
+        report.wasxfail = "fails as it must with DYNNET_EXT_FORCE_STOCK=1: the kernels did not run"
+    elif report.passed:
+        report.outcome = "failed"
+        report.longrepr = ("passed with DYNNET_EXT_FORCE_STOCK=1 (stock PyTorch everywhere): this fused-path test "
+                           "does not check that dynnet's kernels ran")

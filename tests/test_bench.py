@@ -24,10 +24,12 @@ MACHINE_KEYS = {"date", "cpu_model", "cpu_count", "torch_threads", "torch_versio
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One `bench --quick` run (CPU, seed shape, every subject), shared by the checks below."""
+    """One `bench --quick` run (CPU, seed shape, every subject), shared by the checks below.
+    Per-sample gradients without compile: compiling vmap(grad) once per depth takes a minute
+    here (test_persample_quick_rows runs the other implementations)."""
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
-    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--out", str(out), "--subjects", "layer,net,step,memory"]) == 0
     assert torch.get_num_threads() == threads, "bench must restore the thread count"
     return out, json.loads((out / "results.json").read_text())
 
@@ -60,6 +62,28 @@ def test_quick_rows_present(quick):
     # The per-layer fused network has net/step/memory rows, no layer rows.
     assert {k[0] for k in keys if k[3] == "fused-layer"} == {"net", "step", "memory"}
     assert len(keys) == len(rows), "one row per subject/phase/depth/impl at one shape"
+
+
+def test_persample_quick_rows(tmp_path):
+    # Per-sample gradients (vmap(grad)) at the seed shape, one row per depth and implementation.
+    out = tmp_path / "ps"
+    assert main(["bench", "--quick", "--subjects", "persample", "--impls", "fused,fused-layer", "--reps", "2",
+                 "--out", str(out), "--no-plot"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == []
+    keys = {(r["subject"], r["phase"], r["depth"], r["impl"]) for r in res["rows"]}
+    assert keys == {("persample", "vmap-grad", d, impl) for d in bench.DEPTHS for impl in ("fused", "fused-layer", "stock")}
+    for row in res["rows"]:
+        assert set(row) == ROW_KEYS and row["ratio_vs_stock"] > 0 and 0 < row["p20_ms"] <= row["p80_ms"]
+
+
+def test_persample_skips_shapes_too_big():
+    # N copies of the parameters: the default sweep's two largest shapes are left out.
+    plan = bench._plan(["persample"], list(bench.FULL_SHAPES))
+    measured = {shape for shape, *_ in plan}
+    assert measured == {s for s in bench.FULL_SHAPES if bench.persample_bytes(s) <= bench.PERSAMPLE_MAX_BYTES}
+    assert bench.SEED_SHAPE in measured and "1024x1000x100" not in measured and "64x1024x1024" not in measured
+    assert bench.persample_bytes(bench.SEED_SHAPE) == 4 * 64 * (1001 * 100 + 101 * 100 + 101 * 10)
 
 
 def test_quick_numbers_sane(quick):
@@ -114,7 +138,7 @@ def test_options_parse():
 
 
 @pytest.mark.parametrize("script,has_subjects", [("linear_relu.py", False), ("dynamic_net.py", False),
-                                                 ("train_step.py", True)])
+                                                 ("train_step.py", True), ("per_sample_grads.py", False)])
 def test_scripts_help(script, has_subjects):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                          text=True, timeout=120)

@@ -82,6 +82,7 @@ def test_forward_and_backward_match_reference(shape, dtype, depth, device):
 
     w_h = params[3] if depth else None
     grads = ops.dynamic_net_backward(grad_out, params[0], params[1], w_h, params[5], acts, depth, [True] * 7)
+    assert len(grads) == len(ref_grads) == len(NAMES)
     for name, g, r in zip(NAMES, grads, ref_grads):
         assert g.shape == r.shape, name
         torch.testing.assert_close(g, r, **tol(dtype), msg=lambda m: f"{name}: {m}")
@@ -146,7 +147,7 @@ def test_deterministic_and_nan_like_stock():
     g = torch.randn_like(a[0])
     ga = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], a[1], 3, [True] * 7)
     gb = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], a[1], 3, [True] * 7)
-    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert len(ga) == len(gb) == 7 and all(torch.equal(u, v) for u, v in zip(ga, gb))
     # NaN in the input propagates as in stock (ReLU keeps NaN).
     params[0][0, 0] = float("nan")
     out, _ = OPS.dynamic_net(*args_at(params, 1))
@@ -181,22 +182,27 @@ def test_bad_backward_arguments_raise():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_non_contiguous_inputs(device):
-    # Transposed weights and input, a strided bias: the same results as contiguous copies.
+@pytest.mark.parametrize("depth", [0, 2])
+def test_non_contiguous_inputs_match_stock(depth, device):
+    # Every tensor argument in another layout - transposed matrices (acts included: the backward
+    # once read it through a raw pointer as if contiguous, 5 of 7 gradients wrong), strided
+    # biases, a transposed grad_out - gives stock's results.
     ops, device = on(device)
     params = make((6,), 9, 5, 3, torch.float64, device)
-    strided = [params[0].t().contiguous().t()] + [
-        p.t().contiguous().t() if p.dim() == 2 else torch.stack([p, p], 1)[:, 0] for p in params[1:]]
-    assert not any(p.is_contiguous() for p in strided if p.dim() == 2 and min(p.shape) > 1)
-    out, acts = ops.dynamic_net(*args_at(strided, 2))
-    ref_out, ref_acts = ops.dynamic_net(*args_at(params, 2))
+    strided = [p.t().contiguous().t() if p.dim() == 2 else torch.stack([p, p], 1)[:, 0] for p in params]
+    assert not any(p.is_contiguous() for p in strided)
+    out, acts = ops.dynamic_net(*args_at(strided, depth))
+    grad_out = torch.randn_like(out)
+    ref_out, ref_grads = expected(params, depth, grad_out)
     torch.testing.assert_close(out, ref_out, **tol(torch.float64))
-    torch.testing.assert_close(acts, ref_acts, **tol(torch.float64))
-    g = torch.randn_like(out).t().contiguous().t()
-    got = ops.dynamic_net_backward(g, strided[0], strided[1], strided[3], strided[5], acts, 2, [True] * 7)
-    want = ops.dynamic_net_backward(g.contiguous(), params[0], params[1], params[3], params[5], ref_acts, 2, [True] * 7)
-    for name, a, b in zip(NAMES, got, want):
-        torch.testing.assert_close(a, b, **tol(torch.float64), msg=lambda m: f"{name}: {m}")
+    acts_t = acts.t().contiguous().t()
+    assert not acts_t.is_contiguous() and torch.equal(acts_t, acts)
+    w_h = strided[3] if depth else None
+    got = ops.dynamic_net_backward(grad_out.t().contiguous().t(), strided[0], strided[1], w_h, strided[5], acts_t,
+                                   depth, [True] * 7)
+    assert len(got) == len(ref_grads) == 7
+    for name, g, r in zip(NAMES, got, ref_grads):
+        torch.testing.assert_close(g, r, **tol(torch.float64), msg=lambda m: f"{name}: {m}")
 
 
 # The CUDA network kernels' paths (csrc/cuda/dynamic_net.cuh), on every device. One launch up to

@@ -35,9 +35,10 @@ def leaves(lead, k, n, device, dtype=torch.float64, bias=True):
 @pytest.mark.parametrize("fn", [fused_linear_relu, fused_linear], ids=["relu", "none"])
 @pytest.mark.parametrize("shape", [((5,), 7, 3), ((2, 3), 4, 6), ((), 5, 2), ((1,), 1, 1)], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gradcheck(fn, shape, bias, device):
+def test_gradcheck(fn, shape, bias, device, ran):
     x, w, b = leaves(*shape, device, bias=bias)
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("activation", ["relu", "none"])
@@ -140,17 +141,19 @@ AUTOCAST = [
 
 
 @pytest.mark.parametrize("device_type,dtype", AUTOCAST, ids=str)
-def test_autocast_behaves_like_nn_linear(device_type, dtype):
+def test_autocast_behaves_like_nn_linear(device_type, dtype, ran):
     x = torch.randn(8, 16, device=device_type, requires_grad=True)
     layer = dynnet_ext.nn.FusedLinearReLU(16, 4, device=device_type)
     stock = torch.nn.Linear(16, 4, device=device_type)
     stock.load_state_dict(layer.state_dict())
+    with ran("linear_relu", "linear_relu_backward", device=device_type):
+        with torch.autocast(device_type, dtype=dtype):
+            y = layer(x)
+        y.float().sum().backward()
     with torch.autocast(device_type, dtype=dtype):
-        y = layer(x)
         ref = torch.relu(stock(x))
     assert y.dtype == ref.dtype == dtype
     torch.testing.assert_close(y, ref, **tol(dtype))
-    y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
@@ -176,6 +179,24 @@ def test_torch_compile_fullgraph_matches_eager(path):
         torch.testing.assert_close(got, want, **tol(torch.float32))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_of_the_module_runs_the_kernels(backend, device, ran):
+    torch._dynamo.reset()
+    layer = dynnet_ext.nn.FusedLinearReLU(8, 5, device=device)
+    stock = torch.nn.Linear(8, 5, device=device)
+    stock.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8, device=device)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        y = compiled(x)
+        y.sum().backward()
+    ref = torch.relu(stock(x))
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, **tol(torch.float32))
+    torch.testing.assert_close(layer.weight.grad, stock.weight.grad, **tol(torch.float32))
+    torch.testing.assert_close(layer.bias.grad, stock.bias.grad, **tol(torch.float32))
+
+
 class Logged(torch.Tensor):
     """A tensor subclass that records the functions called on it (__torch_function__)."""
 
@@ -187,22 +208,25 @@ class Logged(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-def test_torch_function_subclasses_see_the_op():
+def test_torch_function_subclasses_see_the_op(ran):
     # Eager calls take the _C fast path, which bypasses __torch_function__; a subclass that
     # overrides it must still be dispatched through torch.ops and see the op.
     Logged.calls.clear()
     x, w, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(2)
-    y = fused_linear_relu(x.as_subclass(Logged), w, b)
+    with ran("linear_relu"):
+        y = fused_linear_relu(x.as_subclass(Logged), w, b)
     assert any("dynnet.linear_relu" in c for c in Logged.calls), Logged.calls
     torch.testing.assert_close(y.as_subclass(torch.Tensor), reference.linear_act(x, w, b), **tol(torch.float32))
 
 
-def test_eager_fast_path_matches_torch_ops(device):
+def test_eager_fast_path_matches_torch_ops(device, ran):
     x, w, b = leaves((5,), 6, 4, device)
-    fast = fused_linear_relu(x, w, b)
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        fast = fused_linear_relu(x, w, b)
+        assert NODE_NAMES["cpp"] in fast.grad_fn.name()
+        g_fast = torch.autograd.grad(fast.sum(), (x, w, b))
     slow = torch.ops.dynnet.linear_relu(x, w, b, "relu")
     assert torch.equal(fast, slow)
-    assert NODE_NAMES["cpp"] in fast.grad_fn.name()
-    g_fast = torch.autograd.grad(fast.sum(), (x, w, b))
     g_slow = torch.autograd.grad(slow.sum(), (x, w, b))
+    assert len(g_fast) == len(g_slow) == 3
     assert all(torch.equal(a, c) for a, c in zip(g_fast, g_slow))

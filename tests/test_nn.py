@@ -29,19 +29,21 @@ def test_same_init_params_and_state_dict_as_nn_linear(cls, bias):
 
 @pytest.mark.parametrize("cls,make_stock", PAIRS, ids=["relu", "linear"])
 @pytest.mark.parametrize("lead", [(), (1,), (5,), (0,), (2, 3), (2, 0, 4)], ids=str)
-def test_forward_backward_match_stock(cls, make_stock, lead, device):
+def test_forward_backward_match_stock(cls, make_stock, lead, device, ran):
     fused = cls(6, 4, device=device)
     lin = nn.Linear(6, 4, device=device)
     lin.load_state_dict(fused.state_dict())
     stock = make_stock(lin)
     x = torch.randn(*lead, 6, device=device, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = fused(x), stock(x_ref)
+    g = torch.randn(*lead, 4, device=device)
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        y = fused(x)
+        y.backward(g)
+    y_ref = stock(x_ref)
+    y_ref.backward(g)
     assert y.shape == (*lead, 4)
     torch.testing.assert_close(y, y_ref, **tol(torch.float32))
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, **tol(torch.float32))
     torch.testing.assert_close(fused.weight.grad, lin.weight.grad, **tol(torch.float32))
     torch.testing.assert_close(fused.bias.grad, lin.bias.grad, **tol(torch.float32))
@@ -49,7 +51,7 @@ def test_forward_backward_match_stock(cls, make_stock, lead, device):
 
 @pytest.mark.parametrize("cls", [FusedLinear, FusedLinearReLU])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_module(cls, bias, device):
+def test_gradcheck_module(cls, bias, device, ran):
     m = cls(5, 3, bias=bias, device=device, dtype=torch.float64)
     x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
     params = tuple(m.parameters())
@@ -57,7 +59,60 @@ def test_gradcheck_module(cls, bias, device):
     def f(x, *ps):
         return torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ps)), (x,))
 
-    assert torch.autograd.gradcheck(f, (x, *params))
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_half_and_double_modules_run_the_kernels(dtype, device, ran):
+    # Module-level half-precision and double: the fused kernels compute them, with stock's results.
+    m = FusedLinearReLU(16, 8, dtype=dtype, device=device)
+    lin = nn.Linear(16, 8, dtype=dtype, device=device)
+    lin.load_state_dict(m.state_dict())
+    x = torch.randn(5, 16, dtype=dtype, device=device, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with ran("linear_relu", "linear_relu_backward", device=device):
+        y = m(x)
+        y.sum().backward()
+    y_ref = torch.relu(lin(x_ref))
+    y_ref.sum().backward()
+    assert y.dtype == dtype and m.weight.grad.dtype == dtype
+    torch.testing.assert_close(y, y_ref, **tol(dtype))
+    torch.testing.assert_close(m.weight.grad, lin.weight.grad, **tol(dtype))
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol(dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("model", ["layer", "network"])
+def test_runs_on_the_current_cuda_stream(model, ran):
+    # The input is written on a side stream after a long sleep there: a kernel launched on any
+    # other stream than the current one would read it before it is written.
+    import dynnet_ext
+
+    torch.manual_seed(0)
+    if model == "layer":
+        fused, ops = FusedLinearReLU(256, 64, device="cuda"), ("linear_relu", "linear_relu_backward")
+        stock = nn.Sequential(nn.Linear(256, 64, device="cuda"), nn.ReLU())
+        stock[0].load_state_dict(fused.state_dict())
+    else:
+        fused, ops = dynnet_ext.DynamicNet(256, 64, 8, device="cuda"), ("dynamic_net", "dynamic_net_backward")
+        stock = dynnet_ext.reference.DynamicNet(256, 64, 8, device="cuda")
+        stock.load_state_dict(fused.state_dict())
+    src = torch.randn(128, 256, device="cuda")
+    x = torch.zeros(128, 256, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with ran(*ops, device="cuda"), torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time on this stream before x is written
+        with torch.no_grad():
+            x.copy_(src)
+        y = fused(x) if model == "layer" else fused(x, 2)
+        y.sum().backward()
+        side.synchronize()
+    ref = stock(src) if model == "layer" else stock(src, 2)
+    torch.testing.assert_close(y, ref, **tol(torch.float32))
+    for pf, ps in zip(fused.parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad, ps.grad, **tol(torch.float32))
 
 
 def test_dtype_and_device_arguments():

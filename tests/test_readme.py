@@ -2,6 +2,10 @@
 
 import os
 import re
+import subprocess
+import sys
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +22,21 @@ def test_python_example_runs():
     assert namespace["out"].shape == (64, 10)
 
 
+def test_fuse_example_runs(capsys):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme(), re.S) if "dynnet_ext.fuse(" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    from dynnet_ext.nn import FusedLinearReLU
+
+    fused, model, report = namespace["fused"], namespace["model"], namespace["report"]
+    assert [type(m) for m in fused][:4] == [FusedLinearReLU, torch.nn.Identity, FusedLinearReLU, torch.nn.Identity]
+    assert len(report.fused) == 2 and report.skipped == []
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert f"# {printed}" in blocks[0]  # the comment shows what print(report) prints
+
+
 def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
     text = readme()
     setup = text[text.index("## Set up"):text.index("Notes on the build")]
@@ -29,3 +48,20 @@ def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
     assert text.index(commands[1]) > marker
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "<!-- test-command -->" in f.read()
+
+
+def test_scaling_out_recipes_run_under_torchrun(tmp_path):
+    """The FSDP2 and tensor-parallel scripts of "Scaling out" run as written, one after the
+    other in the same 2 processes (one torchrun: the process group the first starts, the second
+    uses, so the first's last line and the second's init_process_group are left out)."""
+    text = readme()
+    section = text[text.index("## Scaling out"):text.index("## How it works")]
+    fsdp, tp = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "fully_shard" in fsdp and "parallelize_module" in tp
+    end, start = "dist.destroy_process_group()\n", 'dist.init_process_group("gloo")\n'
+    assert fsdp.endswith(end) and tp.count(start) == 1
+    path = tmp_path / "recipes.py"
+    path.write_text(fsdp[:-len(end)] + tp.replace(start, ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 training runs (no memory or tensor leak), and checkpoints (state_dict and whole-model
 pickles) between the fused and the stock DynamicNet."""
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -66,7 +67,7 @@ def layer_step(layer, x, gy):
 # Sizes: the seed's layer (64 x 1000 -> 100) and one whose epilogue and backward mask pass
 # split across threads (>= 32768 elements, kGrainElements in the CPU kernel).
 @pytest.mark.parametrize("m,k,n", [(64, 1000, 100), (256, 130, 200)], ids=["seed", "parallel-epilogue"])
-def test_threads_share_one_fused_layer(m, k, n):
+def test_threads_share_one_fused_layer(m, k, n, ran):
     torch.manual_seed(0)
     layer = FusedLinearReLU(k, n)
     inputs = [(torch.randn(m, k, requires_grad=True), torch.randn(m, n)) for _ in range(THREADS)]
@@ -78,11 +79,12 @@ def test_threads_share_one_fused_layer(m, k, n):
         for it in range(30):
             assert_all_equal(layer_step(layer, x, gy), expected[i], f"thread {i} iteration {it}")
 
-    run_threads(work)
+    with ran("linear_relu", "linear_relu_backward"):
+        run_threads(work)
     assert layer.weight.grad is None  # autograd.grad never touched .grad
 
 
-def test_threads_share_one_dynamic_net_at_different_depths():
+def test_threads_share_one_dynamic_net_at_different_depths(ran):
     torch.manual_seed(0)
     net = dynnet_ext.DynamicNet(100, 64, 10)
     params = tuple(net.parameters())
@@ -100,11 +102,12 @@ def test_threads_share_one_dynamic_net_at_different_depths():
         for it in range(30):
             assert_all_equal(step(i), expected[i], f"thread {i} iteration {it}")
 
-    run_threads(work)
+    with ran("dynamic_net", "dynamic_net_backward"):
+        run_threads(work)
     assert all(p.grad is None for p in params)
 
 
-def test_threads_each_train_their_own_dynamic_net():
+def test_threads_each_train_their_own_dynamic_net(ran):
     """Own models, own optimizers, .backward() and .grad: 20 Adam steps per thread give,
     bitwise, the losses and final weights of the same 20 steps run alone."""
     torch.manual_seed(0)
@@ -130,11 +133,61 @@ def test_threads_each_train_their_own_dynamic_net():
     def work(i):
         results[i] = train(i)
 
-    run_threads(work)
+    with ran("dynamic_net", "dynamic_net_backward"):
+        run_threads(work)
     for i in range(THREADS):
         assert_all_equal(results[i][0], expected[i][0], f"thread {i} losses")
         assert_all_equal(results[i][1], expected[i][1], f"thread {i} weights")
     assert not torch.equal(expected[0][1][0], base.input_layer.weight)  # it did train
+
+
+# ----------------------------------------------------------------------------------------------
+# Thread count. The README promises the same bits for any thread count: work is split across
+# threads by output rows or columns only, never along a reduction.
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fwd_bwd(model, x, g, *args):
+    x = x.detach().requires_grad_()
+    out = model(x, *args)
+    return (out.detach(), *torch.autograd.grad(out, (x, *model.parameters()), g))
+
+
+# (model, x's shape, depth or None): the seed's network and layer, and sizes big enough that
+# every parallel region of the CPU kernels splits (the epilogue, the mask pass, the row and
+# unit splits of the network op).
+THREAD_CASES = {
+    "seed-net": (lambda: dynnet_ext.DynamicNet(1000, 100, 10), (64, 1000), 3),
+    "wide-net": (lambda: dynnet_ext.DynamicNet(300, 200, 50), (256, 300), 2),
+    "seed-layer": (lambda: FusedLinearReLU(1000, 100), (64, 1000), None),
+    "wide-layer": (lambda: FusedLinearReLU(257, 129), (300, 257), None),
+}
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 CPU threads")
+@pytest.mark.parametrize("case", sorted(THREAD_CASES))
+def test_same_bits_for_one_and_two_threads(case, ran):
+    make, shape, depth = THREAD_CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(shape)
+    args = () if depth is None else (depth,)
+    g = torch.randn_like(model(x, *args))
+    ops = ("linear_relu", "linear_relu_backward") if depth is None else ("dynamic_net", "dynamic_net_backward")
+    with ran(*ops):
+        with num_threads(1):
+            one = fwd_bwd(model, x, g, *args)
+        with num_threads(2):
+            two = fwd_bwd(model, x, g, *args)
+    assert_all_equal(two, one, f"{case}: 2 threads vs 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +308,7 @@ def test_fused_state_dict_loads_into_stock_and_back(tmp_path):
         assert torch.equal(back(x, depth), out), f"fused -> stock -> fused, depth {depth}"
 
 
-def test_whole_fused_model_pickles(tmp_path):
+def test_whole_fused_model_pickles(tmp_path, ran):
     fused = trained_fused()
     path = tmp_path / "model.pt"
     torch.save(fused, path)
@@ -267,7 +320,8 @@ def test_whole_fused_model_pickles(tmp_path):
     x = torch.randn(7, 12)
     for depth in range(4):
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out1, out2 = fused(x1, depth), loaded(x2, depth)
+        with ran("dynamic_net"):
+            out1, out2 = fused(x1, depth), loaded(x2, depth)
         assert torch.equal(out1, out2), f"depth {depth}"
         # the loaded model still runs on the fused network op (one C++ autograd node in all)
         assert "DynamicNet" in out2.grad_fn.name(), out2.grad_fn.name()

@@ -60,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& b_out, int64_t depth) {
   check_dynamic_net_args(x, w_in, b_in, w_h, b_h, w_out, b_out, depth);
   TORCH_CHECK(x.device().is_cpu(), "dynnet: dynamic_net's CPU kernel got x on ", x.device());
+  count_kernel_call(KernelOp::DynamicNet, c10::DeviceType::CPU);
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);
   auto out_shape = x.sizes().vec();
@@ -95,9 +96,10 @@ enum Grad { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut, kNumGrads };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_net_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& w_h,
-    const at::Tensor& w_out, const at::Tensor& acts, int64_t depth, std::array<bool, kNumGrads> need) {
-  check_dynamic_net_backward_args(grad_out, x, w_in, w_h, w_out, acts, depth);
+    const at::Tensor& w_out, const at::Tensor& acts_arg, int64_t depth, std::array<bool, kNumGrads> need) {
+  check_dynamic_net_backward_args(grad_out, x, w_in, w_h, w_out, acts_arg, depth);
   TORCH_CHECK(x.device().is_cpu(), "dynnet: dynamic_net_backward's CPU kernel got x on ", x.device());
+  count_kernel_call(KernelOp::DynamicNetBackward, c10::DeviceType::CPU);
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);
   const auto options = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -120,7 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   const at::Tensor x2 = as_2d(x, M, D_in);
+  // Read through raw pointers below (the ReLU masks, the bias sums): contiguous, whatever layout
+  // the caller passed (autograd passes the forward's contiguous acts; a direct caller may not).
   const at::Tensor go = grad_out.reshape({M, D_out}).contiguous();
+  const at::Tensor acts = acts_arg.contiguous();
   const at::Tensor gx2 = need[kX] ? gx.view({M, D_in}) : gx;
   // G_k is needed down to G_0 when anything below the output layer asks for a gradient.
   const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));

@@ -46,6 +46,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
   TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_relu's CPU kernel got x on ", x.device());
+  count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CPU);
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
@@ -111,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
               "dynnet: linear_relu_backward needs the forward output y when activation='relu'");
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
   TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_relu_backward's CPU kernel got x on ", x.device());
+  count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CPU);
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
@@ -168,9 +170,10 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
   const int64_t M = y2.size(0), N = y2.size(1);
   if (M == 0 || N == 0) return;
   // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
-  // dtype once, as stock's addmm does; adding it afterwards would round twice.
+  // dtype once, as stock's addmm does; adding it afterwards would round twice. With no input
+  // features (K == 0) addmm returns the bias itself, as stock does: 0 + b would turn a -0 into +0.
   const bool half = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
-  const bool bias_in_gemm = bias.has_value() && half;
+  const bool bias_in_gemm = bias.has_value() && (half || x2.size(1) == 0);
   if (bias_in_gemm) {
     at::cpu::addmm_out(y2, *bias, x2, weight.t());
   } else {

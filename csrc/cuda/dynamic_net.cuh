@@ -284,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& b_out, int64_t depth) {
   check_dynamic_net_args(x, w_in, b_in, w_h, b_h, w_out, b_out, depth);
   const DeviceScope scope(x, "dynamic_net");
+  count_kernel_call(KernelOp::DynamicNet, c10::DeviceType::CUDA);
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);
   auto out_shape = x.sizes().vec();
@@ -327,6 +328,7 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
                           int64_t depth, std::array<bool, kNumGrads> need) {
   check_dynamic_net_backward_args(grad_out, x, w_in, w_h, w_out, acts, depth);
   const DeviceScope scope(x, "dynamic_net_backward");
+  count_kernel_call(KernelOp::DynamicNetBackward, c10::DeviceType::CUDA);
   const int64_t D_in = w_in.size(1), H = w_in.size(0), D_out = w_out.size(0);
   const int64_t M = leading_rows(x);
   const auto options = x.options().memory_format(at::MemoryFormat::Contiguous);

@@ -116,6 +116,7 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
   const DeviceScope scope(x, "linear_relu");
+  count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CUDA);
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
@@ -148,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
               "dynnet: linear_relu_backward needs the forward output y when activation='relu'");
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
   const DeviceScope scope(x, "linear_relu_backward");
+  count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CUDA);
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);

@@ -14,6 +14,16 @@
 #define DYNNET_HARNESS_FLAVOR "plain"
 #endif
 
+// The harness's own count of its CUDA entry points' calls (what ops.cpp counts in the extension),
+// read by kernel_calls(): the harness runs the CUDA ops' host code, which counts as CUDA.
+namespace dynnet {
+namespace {
+std::array<int64_t, kNumKernelOps> harness_calls{};
+}  // namespace
+
+void count_kernel_call(KernelOp op, c10::DeviceType) { ++harness_calls[static_cast<size_t>(op)]; }
+}  // namespace dynnet
+
 namespace dynnet::selftest {
 
 // Each thread writes its built-ins: threadIdx, blockIdx, blockDim, gridDim (12 values).
@@ -188,6 +198,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   });
   m.def("reset_kernel_stats", &h::reset_kernel_stats);
+  m.def("kernel_calls", [] {
+    pybind11::dict calls;
+    for (size_t op = 0; op < dynnet::kNumKernelOps; ++op) calls[dynnet::kKernelOpNames[op]] = dynnet::harness_calls[op];
+    return calls;
+  });
   m.def("set_planted_bug", [](int id) { h::planted_bug = id; });
   m.def("build_info", [] {
     pybind11::dict info;
