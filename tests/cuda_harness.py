@@ -16,7 +16,7 @@ Command line (what .ci/run calls; each prints a summary and exits non-zero on fa
   python tests/cuda_harness.py build [VARIANT]   build (or find up to date) and print the path
   python tests/cuda_harness.py sanitize          the harness tests under ASan + UBSan
   python tests/cuda_harness.py planted [NAME..]  every planted bug is caught
-  python tests/cuda_harness.py stats             run the harness tests, print what ran
+  python tests/cuda_harness.py stats             the harness tests (plain), then what they launched
 
 In tests: `load()` gives the module of the variant this process runs (DYNNET_CUDA_HARNESS,
 default plain): its linear_relu / linear_relu_backward / dynamic_net / dynamic_net_backward take
@@ -26,17 +26,21 @@ control and test the shim.
 
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+
+import pytest
+import torch
+from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -61,19 +65,14 @@ FLAVORS = {
 PLANTED_FLAGS = ["-DDYNNET_HARNESS_FLOAT32_ONLY"]
 
 
-def _torch():
-    import torch  # noqa: PLC0415 - the command line must start without it for `sanitize`
-    from torch.utils import cpp_extension  # noqa: PLC0415
-
-    return torch, cpp_extension
-
-
 def _compile_flags(flavor):
-    torch, cpp_extension = _torch()
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    compiler = subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
     return (
         ["-std=c++20", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique", "-Wall", "-Wno-unknown-pragmas",
          "-DDYNNET_CUDA_HARNESS", f"-DDYNNET_HARNESS_FLAVOR=\"{flavor}\"",
+         # Not used by the code: they make a new torch or compiler rebuild the harness.
+         f"-DDYNNET_HARNESS_TORCH=\"{torch.__version__}\"", f"-DDYNNET_HARNESS_GXX=\"{compiler}\"",
          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
          "-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={MODULE_NAME}"]
         + [f"-isystem{p}" for p in includes] + FLAVORS[flavor]["cflags"]
@@ -81,7 +80,6 @@ def _compile_flags(flavor):
 
 
 def _link_flags(flavor):
-    _, cpp_extension = _torch()
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
     return ["-shared"] + libs + ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"] + FLAVORS[flavor]["ldflags"]
 
@@ -151,6 +149,13 @@ def _units(names, src_root, out_dir, flags):
 
 def build(variant="plain", jobs=None, quiet=True):
     """Builds a variant (plain, sanitize, planted) if not up to date; returns its .so path."""
+    os.makedirs(BUILD, exist_ok=True)
+    with open(os.path.join(BUILD, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: test processes may start together
+        return _build(variant, jobs, quiet)
+
+
+def _build(variant, jobs, quiet):
     jobs = jobs or _jobs()
     start = time.time()
     if variant not in ("plain", "sanitize", "planted"):
@@ -188,8 +193,6 @@ class Target:
 
     @property
     def ops(self):
-        import torch  # noqa: PLC0415
-
         return torch.ops.dynnet if self.name == "cuda" else load()
 
     def __repr__(self):
@@ -198,7 +201,8 @@ class Target:
 
 @contextlib.contextmanager
 def schedule(target, order):
-    """Runs the block in the harness's `order` ('forward' or 'reverse'); on the GPU, as it comes."""
+    """Within the `with` block the harness runs threads and blocks in `order` ('forward' or
+    'reverse'); on the GPU nothing changes."""
     if target.name != "harness":
         yield
         return
@@ -212,9 +216,6 @@ def schedule(target, order):
 
 def targets():
     """pytest params for the two targets of the CUDA tests; the GPU one skips without a GPU."""
-    import pytest  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
     return [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
             "harness"]
 
@@ -231,7 +232,6 @@ def load(name=None):
         if name != "plain" and not _asan_loaded():
             raise RuntimeError(f"CUDA harness: the {name} variant needs libasan preloaded; run it through "
                                "`python tests/cuda_harness.py sanitize` (or with cuda_harness.sanitized_env())")
-        _torch()  # torch's libraries first: the module links against them
         path = build(name)
         loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, path)
         spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
@@ -264,7 +264,7 @@ def sanitized_env(variant_name="sanitize"):
         "LD_PRELOAD": f"{lib('libasan.so')} {lib('libstdc++.so')}",
         # Python and torch are not built with ASan: leak checks would report their allocations;
         # UBSan errors are fatal and print a stack.
-        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1:allocator_may_return_null=1",
+        "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
         "PYTHONUNBUFFERED": "1",  # a sanitizer ends the process at once: nothing may wait in a buffer
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")]),
@@ -458,6 +458,29 @@ def run_planted(names=None, jobs=None):
     return 1 if failures else 0
 
 
+def pytest_terminal_summary(terminalreporter):
+    """As a pytest plugin (`-p cuda_harness`): what the harness launched in this session."""
+    module = _loaded.get(variant())
+    if module is None:
+        return
+    per_kernel = {}
+    for name, st in module.kernel_stats().items():
+        base = re.sub(r"<.*", "", name).split("::")[-1]
+        row = per_kernel.setdefault(base, {"instantiations": 0, "launches": 0, "blocks": 0, "threads": 0, "barriers": 0})
+        row["instantiations"] += 1
+        for key in ("launches", "blocks", "threads", "barriers"):
+            row[key] += st[key]
+    write = terminalreporter.write_line
+    write(f"CUDA harness ({variant()}): kernel, instantiations run, launches, blocks, threads, barriers opened")
+    for base, row in sorted(per_kernel.items()):
+        write(f"  {base:22s} {row['instantiations']:4d} {row['launches']:8d} {row['blocks']:9d} {row['threads']:11d} "
+              f"{row['barriers']:9d}")
+    total = {k: sum(r[k] for r in per_kernel.values()) for k in ("instantiations", "launches", "blocks", "threads",
+                                                                  "barriers")}
+    write(f"  {'all':22s} {total['instantiations']:4d} {total['launches']:8d} {total['blocks']:9d} "
+          f"{total['threads']:11d} {total['barriers']:9d}")
+
+
 def main(argv):
     if not argv:
         print(__doc__)
@@ -470,6 +493,12 @@ def main(argv):
         return run_sanitized()
     if cmd == "planted":
         return run_planted(rest or None)
+    if cmd == "stats":
+        build("plain", quiet=False)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+        proc = _pytest(["-q", "-p", "cuda_harness", "-k", "harness", *HARNESS_TESTS], env, timeout=3600)
+        print("\n".join(proc.stdout.splitlines()[-14:]))
+        return proc.returncode
     print(__doc__)
     return 2
 

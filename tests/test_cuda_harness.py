@@ -92,6 +92,33 @@ def test_returned_threads_leave_the_barrier(H, live):
     assert out[live:].isnan().all()  # those threads returned before writing
 
 
+@pytest.mark.parametrize("threads", [32, 80])  # 80: a last warp of 16 lanes, its mask 0xFFFF
+def test_warp_operations(H, threads):
+    want = []
+    for t in range(threads):
+        base, lane = t // 32 * 32, t % 32
+        have = min(32, threads - base)
+        seg = lane // 8 * 8
+        want.append([
+            sum(range(base + 1, base + 33)) if have == 32 else -1,  # xor butterfly sum
+            base + 3 % have + 1,  # __shfl_sync from lane 3
+            t + 1 if lane == 0 else t,  # __shfl_up_sync by 1: lane 0 keeps its own
+            base + (lane + 2 if lane + 2 < seg + 8 else lane) + 1,  # __shfl_down_sync by 2, width 8
+            sum(1 << j for j in range(have) if j % 3 == 0),  # __ballot_sync
+            (1 if have > 5 else 0) + 2,  # __any_sync(lane == 5) + 2 * __all_sync(true)
+        ])
+    assert torch.equal(H.selftest.warp(threads), torch.tensor(want))
+
+
+@pytest.mark.parametrize("mode,error", [(0, "waits for lane 16, which has returned"),
+                                        (1, "waits for lane 16, which waits at __syncthreads()"),
+                                        (2, "read lane 20, which is not in the mask")])
+def test_warp_misuse_is_an_error(H, mode, error):
+    with pytest.raises(RuntimeError, match=re.escape(error)) as err:
+        H.selftest.warp_misuse(mode)
+    assert "warp_misuse_kernel" in str(err.value) and "module.cpp:" in str(err.value)
+
+
 def test_reversed_schedule_changes_a_racy_result(H, forward_schedule):
     # What makes the bitwise repeat tests a race detector: order-dependent results differ.
     first = H.selftest.racy(3, 32)

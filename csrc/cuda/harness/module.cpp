@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "../../common.h"
 #include "../ops.h"
 #include "../runtime.cuh"
 
@@ -101,6 +102,39 @@ __global__ void racy_kernel(float* out) {
   out[gridDim.x] = static_cast<float>(blockIdx.x);
 }
 
+// Warp operations, each thread writing 6 results; the last warp may be partial (its mask then
+// names the lanes it has). v = thread index + 1.
+__global__ void warp_kernel(int64_t* out) {
+  const unsigned t = threadIdx.x, lane = t % 32, left = blockDim.x - t / 32 * 32, have = left < 32 ? left : 32;
+  const unsigned mask = have == 32 ? 0xFFFFFFFFu : (1u << have) - 1;
+  const int v = static_cast<int>(t) + 1;
+  int sum = v;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    if (offset < static_cast<int>(have)) sum += __shfl_xor_sync(mask, sum, offset);
+  }
+  __syncwarp(mask);
+  int64_t* o = out + t * 6;
+  o[0] = have == 32 ? sum : -1;  // the butterfly sums a whole warp only
+  o[1] = __shfl_sync(mask, v, 3 % have);
+  o[2] = __shfl_up_sync(mask, v, 1);
+  o[3] = __shfl_down_sync(mask, v, 2, 8);
+  o[4] = __ballot_sync(mask, lane % 3 == 0);
+  o[5] = __any_sync(mask, lane == 5) + 2 * __all_sync(mask, v > 0);
+}
+
+// Warp operations misused: 0, half the lanes shuffle while the others return; 1, while the others
+// wait at __syncthreads(); 2, a shuffle reads a lane outside its mask.
+__global__ void warp_misuse_kernel(int64_t* out, int mode) {
+  const unsigned t = threadIdx.x;
+  if (mode == 0 && t >= 16) return;
+  if (mode == 1 && t >= 16) {
+    __syncthreads();
+    return;
+  }
+  if (mode == 2 && t >= 16) return;
+  out[t] = __shfl_sync(mode == 2 ? 0xFFFFu : 0xFFFFFFFFu, static_cast<int>(t), mode == 2 ? 20 : 0);
+}
+
 // Launches nothing but the configuration; kId keeps the opt-in state of tests apart.
 template <int kId>
 __global__ void empty_kernel() {}
@@ -154,6 +188,16 @@ void bind_selftests(pybind11::module_& m) {
     launch<st::early_return_kernel>(dim3(1), dim3(threads), 0, out.data_ptr<float>(), static_cast<unsigned>(live));
     return out;
   });
+  m.def("warp", [](int64_t threads) {
+    at::Tensor out = at::full({threads, 6}, -2, at::kLong);
+    launch<st::warp_kernel>(dim3(1), dim3(threads), 0, out.data_ptr<int64_t>());
+    return out;
+  });
+  m.def("warp_misuse", [](int mode) {
+    at::Tensor out = at::full({32}, -2, at::kLong);
+    launch<st::warp_misuse_kernel>(dim3(1), dim3(32), 0, out.data_ptr<int64_t>(), mode);
+    return out;
+  });
   m.def("racy", [](int64_t blocks, int64_t threads) {
     at::Tensor out = floats(blocks + 1);
     launch<st::racy_kernel>(dim3(blocks), dim3(threads), 0, out.data_ptr<float>());
@@ -200,7 +244,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_kernel_stats", &h::reset_kernel_stats);
   m.def("kernel_calls", [] {
     pybind11::dict calls;
-    for (size_t op = 0; op < dynnet::kNumKernelOps; ++op) calls[dynnet::kKernelOpNames[op]] = dynnet::harness_calls[op];
+    for (size_t op = 0; op < dynnet::kNumKernelOps; ++op) {
+      calls[dynnet::kKernelOpNames[op]] = dynnet::harness_calls[op];
+    }
     return calls;
   });
   m.def("set_planted_bug", [](int id) { h::planted_bug = id; });

@@ -116,7 +116,7 @@ void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc);
 constexpr size_t kStackBytes = 512 * 1024;  // room for ASan's larger frames too
 constexpr size_t kGuardBytes = 4096;
 
-enum class State { Ready, AtBarrier, Done, Failed };
+enum class State { Ready, AtBarrier, AtWarp, Done, Failed };
 
 struct Fiber {
   unsigned id = 0;        // linear thread index in the block
@@ -126,6 +126,10 @@ struct Fiber {
   State state = State::Ready;
   const char* file = nullptr;  // where it waits
   int line = 0;
+  WarpOp op = WarpOp::Sync;  // the warp operation it waits at, and its operands and result
+  unsigned mask = 0;
+  uint64_t value = 0, result = 0;
+  int arg = 0, width = 32;
   std::string error;
   void* fake_stack = nullptr;  // ASan's bookkeeping across switches
 };
@@ -283,6 +287,76 @@ const char* basename(const char* path) {
   return slash ? slash + 1 : path;
 }
 
+bool same_site(const Fiber& a, const Fiber& b) {
+  return a.line == b.line && (a.file == b.file || !std::strcmp(a.file, b.file));
+}
+
+std::string site(const Fiber& f) { return std::string(basename(f.file)) + ":" + std::to_string(f.line); }
+
+// Completes every warp operation whose lanes have all arrived; returns how many threads it released.
+// n: threads in the block. Throws where a lane of a mask can never arrive.
+int release_warps(const Launch& l, uint3 b, unsigned n) {
+  int released = 0;
+  for (unsigned w = 0; w * 32 < n; ++w) {
+    const unsigned lanes = std::min(32u, n - w * 32);
+    Fiber* lane[32];
+    for (unsigned j = 0; j < lanes; ++j) lane[j] = fibers[w * 32 + j].get();
+    for (unsigned i = 0; i < lanes; ++i) {
+      const Fiber& f = *lane[i];
+      if (f.state != State::AtWarp) continue;
+      const auto fail = [&](const std::string& why) {
+        abandoned_frames = true;
+        throw std::runtime_error(where(l, b) + ", warp " + std::to_string(w) + ": lane " + std::to_string(i) + " at " +
+                                 site(f) + " " + why);
+      };
+      if (!(f.mask >> i & 1)) fail("is not in its own mask");
+      if (f.width < 1 || f.width > 32 || (f.width & (f.width - 1))) fail("uses a width that is not 1, 2, 4, .., 32");
+      for (unsigned j = 0; j < 32; ++j) {
+        if (!(f.mask >> j & 1)) continue;
+        if (j >= lanes) fail("names lane " + std::to_string(j) + " in its mask, which the block does not have");
+        const Fiber& g = *lane[j];
+        if (g.state == State::Done) fail("waits for lane " + std::to_string(j) + ", which has returned");
+        if (g.state == State::AtBarrier) fail("waits for lane " + std::to_string(j) + ", which waits at __syncthreads() at " + site(g));
+        if (!same_site(f, g) || g.op != f.op || g.mask != f.mask) {
+          fail("waits for lane " + std::to_string(j) + ", which waits at another warp operation (" + site(g) + ")");
+        }
+      }
+      uint64_t votes = 0;
+      for (unsigned j = 0; j < 32; ++j) {
+        if (f.mask >> j & 1 && lane[j]->value != 0) votes |= uint64_t{1} << j;
+      }
+      for (unsigned j = 0; j < 32; ++j) {
+        if (!(f.mask >> j & 1)) continue;
+        Fiber& g = *lane[j];
+        const int width = g.width, seg = static_cast<int>(j) / width * width, me = static_cast<int>(j);
+        int src = me;
+        switch (g.op) {
+          case WarpOp::Index: src = seg + ((g.arg % width) + width) % width; break;
+          case WarpOp::Up: src = me - g.arg < seg ? me : me - g.arg; break;
+          case WarpOp::Down: src = me + g.arg >= seg + width ? me : me + g.arg; break;
+          case WarpOp::Xor: src = (me ^ g.arg) >= seg + width || (me ^ g.arg) < seg ? me : me ^ g.arg; break;
+          default: break;
+        }
+        if (!(f.mask >> src & 1)) {
+          fail("has lane " + std::to_string(j) + " read lane " + std::to_string(src) +
+               ", which is not in the mask (its value is undefined on the GPU)");
+        }
+        switch (g.op) {
+          case WarpOp::Ballot: g.result = votes; break;
+          case WarpOp::Any: g.result = votes != 0; break;
+          case WarpOp::All: g.result = votes == f.mask; break;
+          case WarpOp::Sync: g.result = 0; break;
+          default: g.result = lane[src]->value;
+        }
+      }
+      for (unsigned j = 0; j < 32; ++j) {
+        if (f.mask >> j & 1) lane[j]->state = State::Ready, ++released;
+      }
+    }
+  }
+  return released;
+}
+
 // Runs one block to its end; returns its barrier count, or throws std::runtime_error.
 int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
   fill_nan(shared.data, shared.size);
@@ -312,6 +386,7 @@ int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
         throw std::runtime_error(where(l, b) + ", thread " + std::to_string(f.id) + ": " + f.error);
       }
     }
+    if (release_warps(l, b, n) > 0) continue;
     // Every thread now waits at a barrier or has returned: at one barrier, or it is an error.
     const Fiber* first = nullptr;
     bool one_site = true;
@@ -319,7 +394,7 @@ int64_t run_block(const Launch& l, uint3 b, const TlsBlock& shared) {
       const Fiber& f = *fibers[t];
       if (f.state != State::AtBarrier) continue;
       if (first == nullptr) first = &f;
-      one_site = one_site && f.line == first->line && (f.file == first->file || !std::strcmp(f.file, first->file));
+      one_site = one_site && same_site(f, *first);
     }
     if (first == nullptr) return barriers;
     if (!one_site) {
@@ -441,6 +516,16 @@ const uint3& block_idx() { return current_block; }
 const dim3& block_dim() { return current_block_dim; }
 const dim3& grid_dim() { return current_grid; }
 unsigned char* dynamic_smem_bytes() { return dynamic_smem_ptr; }
+
+uint64_t warp_op(const char* file, int line, WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+  TORCH_CHECK(current != nullptr, "CUDA harness: a warp operation called outside a kernel (", file, ":", line, ")");
+  Fiber* f = current;
+  f->state = State::AtWarp;
+  f->file = file, f->line = line;
+  f->op = op, f->mask = mask, f->value = value, f->arg = arg, f->width = width;
+  yield_to_scheduler(/*final=*/false);
+  return f->result;
+}
 
 void sync_block(const char* file, int line) {
   TORCH_CHECK(current != nullptr, "CUDA harness: __syncthreads() called outside a kernel (", file, ":", line, ")");

@@ -5,15 +5,20 @@
 // Execution model (shim.cpp): a launch runs on one host thread, the harness's runner thread,
 // block after block; inside a block every CUDA thread is a fiber (its own stack, switched by a
 // few instructions), and the fibers run one at a time, each until it reaches __syncthreads() or
-// returns. When every thread still running waits at the same __syncthreads(), the barrier
+// a warp operation, or returns. A warp operation completes when every lane of its mask has
+// reached it; when every thread still running waits at the same __syncthreads(), the barrier
 // opens. This is a legal schedule of the CUDA program, so a kernel that is correct on the GPU
 // gives the same result here - up to floating-point contraction: the host compiler does not
-// fuse a * b + c into one FMA where nvcc does, so the last bits may differ.
+// fuse a * b + c into one FMA where nvcc does, so the last bits may differ. Code that counts on
+// the lanes of a warp running in lock-step without __syncwarp() fails here, as it may on Volta
+// and later GPUs.
 //
 // What the shim checks and reports as an error naming the kernel, the block and the source line:
 //   - threads of a block waiting at different __syncthreads() call sites (a barrier in divergent
 //     code, a missing or extra barrier on some path); a thread that returns leaves the barrier,
 //     as on the GPU (sm_70 and later);
+//   - a warp operation whose mask names a lane that returned, waits at __syncthreads() or at
+//     another warp operation, or a shuffle that reads a lane outside its mask;
 //   - launch limits of sm_90: at most 1024 threads a block (x, y <= 1024, z <= 64), grid x up
 //     to 2^31 - 1, y and z up to 65535, no empty grid or block; dynamic shared memory above 48
 //     KiB only after allow_dynamic_smem<kernel>() (cudaFuncSetAttribute), and never above 227 KiB.
@@ -33,6 +38,11 @@
 // block. Consequence: device code must not use thread_local (or rely on static variables keeping
 // values across blocks) for anything else - neither may CUDA.
 //
+// What kernels can use: threadIdx, blockIdx, blockDim, gridDim, warpSize, __shared__, dynamic
+// shared memory (runtime.cuh's dynamic_smem<T>()), __syncthreads(), __syncwarp(), __shfl_sync and
+// its up / down / xor forms, __ballot_sync, __any_sync, __all_sync (the lanes of the mask must all
+// reach the same call: a warp operation is a barrier of those lanes), __ldg, the vector types
+// float2/float4/double2/int4, __launch_bounds__ (ignored), #pragma unroll (ignored).
 // To support a new built-in, add it here with its host meaning (and, if it synchronises threads,
 // to the scheduler in shim.cpp), and a kernel that uses it to tests/test_cuda_harness.py.
 #pragma once
@@ -41,6 +51,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -58,6 +69,20 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+// Vector types for wide loads, with CUDA's alignment (a misaligned reinterpret_cast shows in UBSan).
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+
 #define __global__
 #define __device__
 #define __host__
@@ -65,6 +90,16 @@ struct dim3 {
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
 #define __syncthreads() ::dynnet::harness::sync_block(__FILE__, __LINE__)
+// Warp-level operations: the lanes named in the mask must all reach the same call; see warp_op.
+#define __syncwarp(...) ::dynnet::harness::sync_warp(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_sync(...) ::dynnet::harness::shuffle(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Index, __VA_ARGS__)
+#define __shfl_up_sync(...) ::dynnet::harness::shuffle(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Up, __VA_ARGS__)
+#define __shfl_down_sync(...) \
+  ::dynnet::harness::shuffle(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Down, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::dynnet::harness::shuffle(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Xor, __VA_ARGS__)
+#define __ballot_sync(mask, pred) ::dynnet::harness::vote(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Ballot, mask, pred)
+#define __any_sync(mask, pred) (::dynnet::harness::vote(__FILE__, __LINE__, ::dynnet::harness::WarpOp::Any, mask, pred) != 0)
+#define __all_sync(mask, pred) (::dynnet::harness::vote(__FILE__, __LINE__, ::dynnet::harness::WarpOp::All, mask, pred) != 0)
 #define threadIdx (::dynnet::harness::thread_idx())
 #define blockIdx (::dynnet::harness::block_idx())
 #define blockDim (::dynnet::harness::block_dim())
@@ -96,6 +131,33 @@ const dim3& block_dim();
 const dim3& grid_dim();
 void sync_block(const char* file, int line);
 unsigned char* dynamic_smem_bytes();
+
+// One warp-level operation of the running thread: it waits until every lane of `mask` (bit i:
+// lane i of its warp) has reached the same call, then each gets its result - for a shuffle the
+// 8-byte value of the lane it reads (its own where that lane lies outside its `width`-lane
+// segment), for a vote the mask of lanes whose value is nonzero. A lane of the mask that has
+// returned, waits at __syncthreads() or at another warp call is an error, as is reading a lane
+// outside the mask.
+enum class WarpOp { Sync, Index, Up, Down, Xor, Ballot, Any, All };
+uint64_t warp_op(const char* file, int line, WarpOp op, unsigned mask, uint64_t value, int arg, int width);
+
+inline void sync_warp(const char* file, int line, unsigned mask = 0xFFFFFFFFu) {
+  warp_op(file, line, WarpOp::Sync, mask, 0, 0, 32);
+}
+
+template <typename T>
+inline T shuffle(const char* file, int line, WarpOp op, unsigned mask, T value, int arg, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "a shuffle moves up to 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = warp_op(file, line, op, mask, bits, arg, width);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+inline unsigned vote(const char* file, int line, WarpOp op, unsigned mask, int predicate) {
+  return static_cast<unsigned>(warp_op(file, line, op, mask, predicate != 0, 0, 32));
+}
 
 template <typename T>
 inline T* dynamic_smem() {
