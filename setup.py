@@ -70,10 +70,17 @@ def nvidia_wheel_includes():
     return sorted(set(p for p in found if os.path.isdir(p)))
 
 
+def sources(build_cuda):
+    """The extension's translation units. csrc/cuda/harness/ (the CPU harness of the CUDA kernels)
+    is the tests' and never part of the extension; the CUDA kernels and launchers themselves are
+    headers, each with one .cu that nvcc compiles."""
+    cpu = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    return cpu + (sorted(glob.glob("csrc/cuda/*.cu")) if build_cuda else [])
+
+
 def make_extension():
     build_cuda, cuda_home, reason = want_cuda()
     print(f"dynnet_ext: building {'CPU + CUDA' if build_cuda else 'CPU-only'} kernels ({reason})")
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("DYNNET_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]
     link = []
@@ -85,7 +92,8 @@ def make_extension():
         link.append("-fopenmp")
     if not build_cuda:
         return cpp_extension.CppExtension(
-            "dynnet_ext._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            "dynnet_ext._C", sources(False), define_macros=defines, extra_compile_args={"cxx": cxx},
+            extra_link_args=link
         )
 
     # torch reads CUDA_HOME at import; point it at the real toolkit before building.
@@ -98,7 +106,7 @@ def make_extension():
     nvcc = ["-O3", "-lineinfo", "-Xptxas=-v"]
     return cpp_extension.CUDAExtension(
         "dynnet_ext._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        sources(True),
         include_dirs=nvidia_wheel_includes(),
         define_macros=defines,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},

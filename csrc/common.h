@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 
 namespace dynnet {
@@ -23,6 +24,9 @@ inline Activation parse_activation(c10::string_view name) {
 // from a stock fallback: dynnet_ext.ops.kernel_calls(). Defined in ops.cpp.
 enum class KernelOp { LinearRelu, LinearReluBackward, DynamicNet, DynamicNetBackward, kCount };
 void count_kernel_call(KernelOp op, c10::DeviceType device);
+constexpr size_t kNumKernelOps = static_cast<size_t>(KernelOp::kCount);
+constexpr std::array<const char*, kNumKernelOps> kKernelOpNames = {"linear_relu", "linear_relu_backward",
+                                                                   "dynamic_net", "dynamic_net_backward"};
 
 template <typename T>
 constexpr T ceil_div(T a, T b) {

@@ -34,11 +34,8 @@
 namespace dynnet {
 namespace {
 
-constexpr size_t kNumOps = static_cast<size_t>(KernelOp::kCount);
-constexpr std::array<const char*, kNumOps> kOpNames = {"linear_relu", "linear_relu_backward", "dynamic_net",
-                                                       "dynamic_net_backward"};
 // [0]: CPU kernels, [1]: CUDA kernels.
-std::array<std::array<std::atomic<int64_t>, kNumOps>, 2> kernel_call_counts{};
+std::array<std::array<std::atomic<int64_t>, kNumKernelOps>, 2> kernel_call_counts{};
 
 }  // namespace
 
@@ -84,8 +81,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     pybind11::dict calls;
     for (const auto& [device, row] : {std::pair{"cpu", 0}, std::pair{"cuda", 1}}) {
       pybind11::dict per_op;
-      for (size_t op = 0; op < dynnet::kNumOps; ++op)
-        per_op[dynnet::kOpNames[op]] = dynnet::kernel_call_counts[row][op].load(std::memory_order_relaxed);
+      for (size_t op = 0; op < dynnet::kNumKernelOps; ++op)
+        per_op[dynnet::kKernelOpNames[op]] = dynnet::kernel_call_counts[row][op].load(std::memory_order_relaxed);
       calls[device] = per_op;
     }
     return calls;

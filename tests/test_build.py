@@ -92,3 +92,15 @@ def test_setup_cuda_choice_follows_torch_and_toolkit(setup_py, monkeypatch):
     monkeypatch.setenv("DYNNET_EXT_CUDA", "1")
     with pytest.raises(SystemExit, match="CPU-only build"):
         setup_py.want_cuda()
+
+
+def test_extension_sources_leave_out_the_cuda_harness(setup_py, monkeypatch):
+    # The harness is built by the tests (tests/cuda_harness.py), never into the wheel; and no two
+    # translation units of one folder share a stem (both would compile to the same .o).
+    monkeypatch.chdir(ROOT)
+    cuda = setup_py.sources(True)
+    assert set(setup_py.sources(False)) < set(cuda)
+    assert {"csrc/cuda/linear_relu.cu", "csrc/cuda/dynamic_net.cu"} <= set(cuda)
+    assert not [s for s in cuda if "harness" in s]
+    stems = [os.path.splitext(s)[0] for s in cuda]
+    assert len(stems) == len(set(stems)), cuda

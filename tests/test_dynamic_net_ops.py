@@ -1,9 +1,13 @@
 """The whole-network ops torch.ops.dynnet.dynamic_net / dynamic_net_backward against the stock
-reference (dynnet_ext.reference.dynamic_net differentiated by stock autograd)."""
+reference (dynnet_ext.reference.dynamic_net differentiated by stock autograd).
+
+Devices: "cpu", "cuda" (skipped without a GPU) and "harness": the CUDA launchers and kernels
+compiled for the CPU (tests/cuda_harness.py), their per-layer fallback included."""
 
 import pytest
 import torch
 
+import cuda_harness
 from conftest import tol
 from dynnet_ext import reference
 
@@ -49,8 +53,17 @@ def expected(params, depth, grad_out):
     return out.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
 
 
-def devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))]
+def devices(harness=True):
+    """cpu, cuda and (unless the test goes through autograd or torch.library) the CUDA harness."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))] + (
+        ["harness"] if harness else [])
+
+
+def on(device):
+    """(the ops, the device of their tensors) for a device of devices()."""
+    if device == "harness":
+        return cuda_harness.load(), "cpu"
+    return OPS, device
 
 
 @pytest.mark.parametrize("device", devices())
@@ -58,8 +71,9 @@ def devices():
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_forward_and_backward_match_reference(shape, dtype, depth, device):
+    ops, device = on(device)
     params = make(*shape, dtype, device)
-    out, acts = OPS.dynamic_net(*args_at(params, depth))
+    out, acts = ops.dynamic_net(*args_at(params, depth))
     lead, D_in, H, D_out = shape
     M = torch.Size(lead).numel()
     assert out.shape == (*lead, D_out) and out.dtype == dtype and out.device.type == device
@@ -69,7 +83,7 @@ def test_forward_and_backward_match_reference(shape, dtype, depth, device):
     torch.testing.assert_close(out, ref_out, **tol(dtype))
 
     w_h = params[3] if depth else None
-    grads = OPS.dynamic_net_backward(grad_out, params[0], params[1], w_h, params[5], acts, depth, [True] * 7)
+    grads = ops.dynamic_net_backward(grad_out, params[0], params[1], w_h, params[5], acts, depth, [True] * 7)
     assert len(grads) == len(ref_grads) == len(NAMES)
     for name, g, r in zip(NAMES, grads, ref_grads):
         assert g.shape == r.shape, name
@@ -78,26 +92,27 @@ def test_forward_and_backward_match_reference(shape, dtype, depth, device):
 
 @pytest.mark.parametrize("device", devices())
 def test_output_mask_and_depth_zero_hidden(device):
+    ops, device = on(device)
     params = make((6,), 9, 5, 3, torch.float64, device)
-    out, acts = OPS.dynamic_net(*args_at(params, 2))
+    out, acts = ops.dynamic_net(*args_at(params, 2))
     g = torch.randn_like(out)
-    full = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
+    full = ops.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
     for i in range(7):
         mask = [j == i for j in range(7)]
-        part = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, mask)
+        part = ops.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, 2, mask)
         for j, t in enumerate(part):
             if j == i:
                 assert torch.equal(t, full[i]), NAMES[i]  # the same bits alone as with the rest
             else:
                 assert t.shape == (0,), NAMES[j]
     # Hidden weights given at depth 0: the layer is unused, its gradients are zero.
-    out0, acts0 = OPS.dynamic_net(*params, 0)
-    grads = OPS.dynamic_net_backward(torch.ones_like(out0), params[0], params[1], params[3], params[5], acts0, 0,
+    out0, acts0 = ops.dynamic_net(*params, 0)
+    grads = ops.dynamic_net_backward(torch.ones_like(out0), params[0], params[1], params[3], params[5], acts0, 0,
                                      [True] * 7)
     assert not grads[3].any() and not grads[4].any()
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(harness=False))
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 def test_gradcheck_and_gradgradcheck(depth, device):
     params = [p.requires_grad_() for p in make((4,), 5, 3, 2, torch.float64, device)]
@@ -174,18 +189,108 @@ def test_non_contiguous_inputs_match_stock(depth, device):
     # Every tensor argument in another layout - transposed matrices (acts included: the backward
     # once read it through a raw pointer as if contiguous, 5 of 7 gradients wrong), strided
     # biases, a transposed grad_out - gives stock's results.
+    ops, device = on(device)
     params = make((6,), 9, 5, 3, torch.float64, device)
     strided = [p.t().contiguous().t() if p.dim() == 2 else torch.stack([p, p], 1)[:, 0] for p in params]
     assert not any(p.is_contiguous() for p in strided)
-    out, acts = OPS.dynamic_net(*args_at(strided, depth))
+    out, acts = ops.dynamic_net(*args_at(strided, depth))
     grad_out = torch.randn_like(out)
     ref_out, ref_grads = expected(params, depth, grad_out)
     torch.testing.assert_close(out, ref_out, **tol(torch.float64))
     acts_t = acts.t().contiguous().t()
     assert not acts_t.is_contiguous() and torch.equal(acts_t, acts)
     w_h = strided[3] if depth else None
-    got = OPS.dynamic_net_backward(grad_out.t().contiguous().t(), strided[0], strided[1], w_h, strided[5], acts_t,
+    got = ops.dynamic_net_backward(grad_out.t().contiguous().t(), strided[0], strided[1], w_h, strided[5], acts_t,
                                    depth, [True] * 7)
     assert len(got) == len(ref_grads) == 7
     for name, g, r in zip(NAMES, got, ref_grads):
         torch.testing.assert_close(g, r, **tol(torch.float64), msg=lambda m: f"{name}: {m}")
+
+
+# The CUDA network kernels' paths (csrc/cuda/dynamic_net.cuh), on every device. One launch up to
+# H, D_out <= 256, per-layer ops beyond (257) and for empty dimensions; dynamic shared memory above
+# the default 48 KiB - opted in - from max(H, D_out) = 123 in float64 and 251 in float32; a layer
+# of more than 128 columns spreads the block's 256 threads over 256 columns, one row group.
+WIDTHS = [
+    ((64,), 1000, 100, 10, torch.float32),  # the seed
+    ((37,), 45, 122, 2, torch.float64),  # just under the opt-in
+    ((37,), 45, 123, 2, torch.float64),  # just over it
+    ((9,), 20, 3, 256, torch.float64),  # D_out at the one-launch limit, opted in
+    ((17,), 31, 250, 9, torch.float32),
+    ((17,), 31, 251, 9, torch.float32),
+    ((3, 5), 7, 255, 129, torch.float32),  # 3-D input, 256-column layout for both widths
+    ((10,), 64, 256, 256, torch.float32),
+    ((10,), 5, 257, 3, torch.float32),  # H past the limit: per-layer ops
+    ((10,), 5, 8, 257, torch.float64),  # D_out past it
+    ((8,), 33, 128, 64, torch.float16),
+    ((15,), 65, 129, 33, torch.bfloat16),
+    ((7,), 0, 5, 3, torch.float32),  # D_in = 0
+    ((7,), 4, 0, 3, torch.float32),  # H = 0
+    ((7,), 4, 5, 0, torch.float32),  # D_out = 0
+    ((0,), 4, 5, 3, torch.float64),  # no rows
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("case", WIDTHS, ids=str)
+def test_network_kernel_paths(case, depth, device):
+    *shape, dtype = case
+    test_forward_and_backward_match_reference(tuple(shape), dtype, depth, device)
+
+
+@pytest.mark.parametrize("target", cuda_harness.targets())
+@pytest.mark.parametrize("case", [((100,), 70, 130, 20, 3), ((20,), 9, 257, 4, 2)], ids=["one-launch", "per-layer"])
+def test_network_repeats_bitwise(case, target):
+    # On the GPU: runs repeat bit for bit (no atomics). In the harness the repeat reverses the
+    # order threads and blocks run in, so a race between them would change the bits.
+    target = cuda_harness.Target(target)
+    *shape, depth = case
+    params = make(*shape, torch.float32, target.device)
+    g = torch.randn(shape[0][0], shape[3]).to(target.device)
+    runs = []
+    for order in ("forward", "reverse"):
+        with cuda_harness.schedule(target, order):
+            out, acts = target.ops.dynamic_net(*params, depth)
+            grads = target.ops.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, depth,
+                                                    [True] * 7)
+            runs.append((out, acts, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [((6,), 9, 5, 3), ((5,), 4, 3, 257)], ids=["one-launch", "per-layer"])
+def test_every_output_mask_subset(shape, device):
+    # Each of the 128 subsets gives the bits of the full call where asked, (0,) elsewhere. The
+    # per-layer path passes the mask on to linear_relu_backward, so subsets change what it runs.
+    ops, device = on(device)
+    params = make(*shape, torch.float64, device)
+    out, acts = ops.dynamic_net(*args_at(params, 2))
+    g = torch.randn_like(out)
+    args = (g, params[0], params[1], params[3], params[5], acts, 2)
+    full = ops.dynamic_net_backward(*args, [True] * 7)
+    for bits in range(128):
+        mask = [bool(bits >> i & 1) for i in range(7)]
+        for name, wanted, f, p in zip(NAMES, mask, full, ops.dynamic_net_backward(*args, mask)):
+            assert torch.equal(p, f) if wanted else p.shape == (0,), (name, mask)
+
+
+@pytest.mark.parametrize("target", cuda_harness.targets())
+@pytest.mark.parametrize("case", [((33,), 40, 130, 9, 2), ((7,), 5, 300, 3, 1)], ids=["one-launch", "per-layer"])
+def test_network_cpu_and_cuda_agree(case, target):
+    # The CPU kernels and the CUDA kernels on their target, on the same inputs.
+    target = cuda_harness.Target(target)
+    *shape, depth = case
+    params = make(*shape, torch.float64, "cpu")
+    moved = [p.to(target.device) for p in params]
+    out, acts = OPS.dynamic_net(*params, depth)
+    out_t, acts_t = target.ops.dynamic_net(*moved, depth)
+    torch.testing.assert_close(out_t.cpu(), out, **tol(torch.float64))
+    torch.testing.assert_close(acts_t.cpu(), acts, **tol(torch.float64))
+    g = torch.randn_like(out)
+    want = OPS.dynamic_net_backward(g, params[0], params[1], params[3], params[5], acts, depth, [True] * 7)
+    got = target.ops.dynamic_net_backward(g.to(target.device), moved[0], moved[1], moved[3], moved[5],
+                                          acts.to(target.device), depth, [True] * 7)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a.cpu(), b, **tol(torch.float64), msg=lambda m: f"{name}: {m}")

@@ -1,11 +1,12 @@
-// The tiled GEMM behind the CUDA kernels (see linear_relu.cu's header for the roles, the work
-// split and the precision rules); shared by linear_relu.cu and dynamic_net.cu.
+// The tiled GEMM behind the CUDA kernels (see linear_relu.cuh's header for the roles, the work
+// split and the precision rules); shared by linear_relu.cuh and dynamic_net.cuh.
 #pragma once
 
 #include <ATen/AccumulateType.h>
 #include <ATen/OpMathType.h>
 
 #include "../common.h"
+#include "runtime.cuh"
 
 namespace dynnet {
 
