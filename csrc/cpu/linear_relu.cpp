@@ -3,7 +3,8 @@
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):
 //   y = act(x2 @ weight.T + bias)
 // float32, bfloat16, float16 (on an AVX2 or AVX-512 CPU): one GEMM of the project's engine
-// (gemm.h): weight.T packed into panels, x read where it lies, bias + ReLU + rounding to the
+// (gemm.h): weight.T packed into panels (or, float32 at shapes where packing does not pay, read
+// where it lies by the dot form), x read where it lies, bias + ReLU + rounding to the
 // dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
 // the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
 // float64, or DYNNET_EXT_CPU_GEMM=aten: ATen's GEMM (MKL) into y, then one in-place pass for
