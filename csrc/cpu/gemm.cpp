@@ -105,7 +105,7 @@ std::atomic<int>& current_isa() {
 
 // The dot form's shape thresholds (choose_form).
 constexpr int64_t kDotMaxNarrowN = 16;
-constexpr int64_t kDotMinK = 512;
+constexpr int64_t kDotMinK = 256;
 constexpr int64_t kDotMaxOutput = int64_t(1) << 20;
 
 enum FormChoice : int { kFormAuto = 0, kFormDot = 1, kFormPacked = 2 };
@@ -143,10 +143,12 @@ float* scratch(const Kernels* k, const Problem& p) {
   return reinterpret_cast<float*>(buf.get(k->scratch_floats(p.dtype, p.K) * sizeof(float)));
 }
 
-// Below ~17 us of one core's work a second thread does not pay on a busy machine: waking it and
-// meeting it at a barrier cost 5-10 us (measured on 2 shared cores: 64 x 100 x 100 forward 18 us
-// on 1 thread, 30 us on 2 at 4e5; MKL keeps such GEMMs on one thread too).
-constexpr double kMinTaskFlops = 2e6;
+// Below ~5 us of one core's work a second thread does not pay: waking it and meeting it at a
+// barrier cost a few us. Measured on the 2-core Zen 4 with no other process preempting the
+// run (chrt): 64 x 100 x 100 (1.3 MFLOP) forward 1.2x faster and its backward 1.6x faster on 2
+// threads than on 1. (When other processes keep the cores busy, a second thread is often not
+// there when called and the same call takes longer on 2 threads than on 1.)
+constexpr double kMinTaskFlops = 5e5;
 
 }  // namespace
 
@@ -222,7 +224,7 @@ Form choose_form(const Kernels* k, const Problem& p) {
   // element and K-block, when K is long; narrow N wastes most of a packed panel's lanes.
   const bool few_rows = p.M < k->mr;                               // 1 x 1000 x 100: dot 2.5x packed
   const bool narrow = p.N <= kDotMaxNarrowN;                       // 64 x 1000 x 10: 1.6x
-  const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.2x;
+  const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.4x;
   return few_rows || narrow || long_k ? Form::Dot : Form::Packed;  // 64 x 100 x 100, 1024^3: packed 1.1x
 }
 
