@@ -183,20 +183,57 @@ def _build(variant, jobs, quiet):
 _loaded = {}
 
 
+# The forced paths the CUDA tests run every case on (csrc/cuda/paths.h): the custom kernels with
+# 16 x 16 split-reduction tiles, with 64 x 64 tiles, and the vendor path (cuBLAS on the GPU, the
+# harness's float64 reference for it on the CPU, behind the same host code).
+PATHS = ("split", "wide", "vendor")
+_PATH_SETTINGS = {
+    "split": ("custom", {"wide_tile_min_tiles": 1e30}),
+    "wide": ("custom", {"wide_tile_min_tiles": 0}),
+    "vendor": ("vendor", {}),
+    "auto": ("auto", {}),
+}
+
+
 class Target:
     """Where a CUDA test case runs: on the GPU ("cuda": torch.ops.dynnet on CUDA tensors) or in
-    the harness ("harness": the same launchers and kernels on CPU tensors)."""
+    the harness ("harness": the same launchers and kernels on CPU tensors), on one forced path
+    (PATHS, or "auto"). An id is "<target>-<path>", e.g. "harness-split"."""
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, path="auto"):
+        if "-" in name:
+            name, path = name.split("-", 1)
+        if path not in _PATH_SETTINGS:
+            raise ValueError(f"CUDA harness: unknown path {path!r} ({', '.join(_PATH_SETTINGS)})")
+        self.name, self.path = name, path
         self.device = "cuda" if name == "cuda" else "cpu"  # where its tensors live
 
     @property
     def ops(self):
         return torch.ops.dynnet if self.name == "cuda" else load()
 
+    @property
+    def controls(self):
+        """The module holding this target's dispatch state (set_cuda_path, the table)."""
+        if self.name == "cuda":
+            import dynnet_ext.ops
+            return dynnet_ext.ops._C
+        return load()
+
+    @contextlib.contextmanager
+    def forced(self):
+        """Within the `with` block the CUDA ops of this target take its path."""
+        path, table = _PATH_SETTINGS[self.path]
+        c = self.controls
+        previous_path, previous_table = c.set_cuda_path(path), c.set_cuda_dispatch_table(table)
+        try:
+            yield self
+        finally:
+            c.set_cuda_path(previous_path)
+            c.set_cuda_dispatch_table(previous_table)
+
     def __repr__(self):
-        return self.name
+        return f"{self.name}-{self.path}"
 
 
 @contextlib.contextmanager
@@ -214,10 +251,17 @@ def schedule(target, order):
         module.set_schedule("forward")
 
 
-def targets():
-    """pytest params for the two targets of the CUDA tests; the GPU one skips without a GPU."""
-    return [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
-            "harness"]
+def targets(paths=PATHS):
+    """pytest params "<target>-<path>" for the CUDA tests; the GPU ones skip without a GPU."""
+    gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+    return [pytest.param(f"cuda-{p}", marks=gpu) for p in paths] + [f"harness-{p}" for p in paths]
+
+
+def forced(request):
+    """The body of a `target` fixture: a Target (request.param: an id of targets()) with its path
+    forced while the test runs."""
+    with Target(request.param).forced() as t:
+        yield t
 
 
 def variant():
