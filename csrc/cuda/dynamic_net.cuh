@@ -197,7 +197,8 @@ __device__ void forward_layer(const acc_t* in_s, int ld_in, const scalar_t* __re
       }
     }
   }
-  __syncthreads();  // out_s is the next layer's input
+  // No barrier here: the next layer reads out_s only after the barrier that ends its first slice's
+  // staging, and nothing reads sW or sX after this layer's last slice barrier.
 }
 
 // out[r][c] = mask(r, c) * sum_k in[r][k] * W[k][c] for r < rows, c < N (any N: passes of up to
@@ -253,7 +254,7 @@ __device__ void backward_layer(const acc_t* in_s, int ld_in, int rows, int64_t K
       }
     }
   }
-  __syncthreads();
+  // No barrier here either (as forward_layer): the next layer reads out_s after its first slice barrier.
 }
 
 // Shared memory of the one-launch kernels, in acc_t elements (see BlockState).
@@ -285,7 +286,7 @@ __device__ __forceinline__ BlockState<acc_t> block_state(const NetArgs<scalar_t>
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kNetThreads) net_forward_kernel(const NetArgs<scalar_t> p) {
+__global__ void __launch_bounds__(kNetThreads, 1) net_forward_kernel(const NetArgs<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   BlockState<acc_t> b = block_state<acc_t>(p);
   const int64_t M = p.M, H = p.H, row0 = b.row0;
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(kNetThreads) net_forward_kernel(const NetArgs<
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kNetThreads) net_backward_kernel(const NetArgs<scalar_t> p) {
+__global__ void __launch_bounds__(kNetThreads, 1) net_backward_kernel(const NetArgs<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockState<acc_t> b = block_state<acc_t>(p);
   const int64_t M = p.M, H = p.H, d = p.depth, row0 = b.row0;
