@@ -103,13 +103,14 @@ def reset_cuda_dispatch_table():
 
 def cuda_precision(dtype):
     """What the CUDA GEMMs of `dtype` compute in, the dispatch table's column: float32 is 'tf32'
-    when torch allows TF32 for cuBLAS (torch.backends.cuda.matmul.allow_tf32), as stock's are."""
-    names = {torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    if dtype in names:
-        return names[dtype]
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "float32"
-    raise ValueError(f"dynnet_ext: no CUDA kernels for {dtype}")
+    exactly where stock's cuBLAS GEMMs use TF32 (torch.backends.cuda.matmul.fp32_precision,
+    inheriting torch.backends.fp32_precision, or the legacy allow_tf32 /
+    torch.set_float32_matmul_precision), else 'float32'. The launchers' own function
+    (csrc/cuda/precision.h) answers, so this is what the CUDA ops choose by."""
+    names = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    if dtype not in names:
+        raise ValueError(f"dynnet_ext: no CUDA kernels for {dtype} (float64, float32, float16, bfloat16)")
+    return _require_C("cuda_precision").cuda_gemm_precision(names[dtype])
 
 
 def cuda_choose_layer(dtype, M, K, N, backward=False):

@@ -318,7 +318,8 @@ def sanitized_env(variant_name="sanitize"):
 
 # The sanitizer run: the tests with a harness parametrisation, less what adds time but no memory
 # accesses of its own - float16 (bfloat16 has the same 2-byte loads), long serial sums, repeats.
-HARNESS_TESTS = ["tests/test_cuda_harness.py", "tests/test_linear_relu_cuda.py", "tests/test_dynamic_net_ops.py"]
+HARNESS_TESTS = ["tests/test_cuda_harness.py", "tests/test_linear_relu_cuda.py", "tests/test_dynamic_net_ops.py",
+                 "tests/test_cuda_paths.py"]
 SANITIZE_SELECTION = "harness and not torch.float16 and not high_precision and not deterministic and not repeats"
 
 

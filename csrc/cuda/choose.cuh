@@ -1,27 +1,16 @@
-// The dispatch rule of paths.h applied to the ops' tensors: what precision a dtype's GEMMs
-// compute in, and the rule's errors (a wrong DYNNET_EXT_CUDA_PATH) as torch errors. Shared by
+// The dispatch rule of paths.h applied to the ops' tensors (the precision column from
+// precision.h), and the rule's errors (a wrong DYNNET_EXT_CUDA_PATH) as torch errors. Shared by
 // linear_relu.cuh and dynamic_net.cuh (both builds: nvcc and the CPU harness).
 #pragma once
 
-#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <stdexcept>
 
 #include "paths.h"
+#include "precision.h"
 
 namespace dynnet {
-
-// float32 is FP32, or TF32 where torch allows TF32 for cuBLAS (the setting stock's GEMMs follow:
-// torch.backends.cuda.matmul.allow_tf32, torch.set_float32_matmul_precision).
-inline paths::Precision gemm_precision(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return paths::Precision::F64;
-    case at::kHalf: return paths::Precision::F16;
-    case at::kBFloat16: return paths::Precision::BF16;
-    default: return at::globalContext().allowTF32CuBLAS() ? paths::Precision::TF32 : paths::Precision::F32;
-  }
-}
 
 template <typename F>
 auto choose(F&& rule) -> decltype(rule()) {

@@ -1,5 +1,5 @@
-// Python bindings of the CUDA dispatch rule (paths.h): the forced path, the threshold table, and
-// the rule itself. Bound into dynnet_ext._C (ops.cpp: on every build, so the rule can be read and
+// Python bindings of the CUDA dispatch rule (paths.h): the forced path, the threshold table, the
+// precision column a dtype takes (precision.h), and the rule itself. Bound into dynnet_ext._C (ops.cpp: on every build, so the rule can be read and
 // tested on a machine without a GPU) and into the CPU harness's module (its own copy of the
 // state, for the launchers it runs). dynnet_ext.ops wraps them (cuda_path, set_cuda_path,
 // cuda_dispatch_table, set_cuda_dispatch_table).
@@ -11,6 +11,7 @@
 #include <string>
 
 #include "paths.h"
+#include "precision.h"
 
 namespace dynnet::paths {
 
@@ -100,6 +101,13 @@ inline void bind(pybind11::module_& m) {
     return previous;
   }, py::arg("changes"), "change entries of the live CUDA dispatch table; returns the previous table");
   m.def("reset_cuda_dispatch_table", [] { table() = kDefaultTable; }, "back to the source's defaults");
+  m.def("cuda_gemm_precision", [](const std::string& dtype) {
+    static const std::pair<const char*, at::ScalarType> kDtypes[] = {
+        {"float64", at::kDouble}, {"float32", at::kFloat}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16}};
+    for (const auto& [name, t] : kDtypes)
+      if (dtype == name) return std::string(kPrecisionNames[index(dynnet::gemm_precision(t))]);
+    throw py::value_error("dynnet: no CUDA kernels for " + dtype + " (float64, float32, float16, bfloat16)");
+  }, py::arg("dtype"), "the dispatch table's column for a dtype's GEMMs now (float32: tf32 where torch allows TF32)");
   m.def("cuda_choose_layer", [](const std::string& precision, int64_t M, int64_t K, int64_t N, bool backward) {
     try {
       return std::string(path_name(choose_layer(parse_precision(precision), M, K, N, backward)));
