@@ -129,3 +129,32 @@ def test_apply_refuses_a_wrong_file(tmp_path, table, message):
 def test_apply_numbers_read_back_exactly(value):
     assert float(_apply_module()._number(value)) == value
 
+
+def test_sweep_dry_run_writes_what_apply_reads(tmp_path):
+    """scripts/cuda_sweep.py without a GPU (--dry-run: the model's predictions as timings) goes
+    through the sweep's own loops, fitting and writer: its thresholds are then the model's, and
+    the file is one apply_cuda_thresholds.py takes."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_sweep.py"), "--out", str(tmp_path),
+                           "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "thresholds.json").read_text())
+    model = gpu_model.thresholds()["table"]
+    for key, per_precision in data["table"].items():
+        assert set(per_precision) == {"float32", "tf32", "bfloat16", "float16"}
+        for p, v in per_precision.items():
+            assert v == model[key][p], (key, p)
+    kinds = {(r["kind"], r["path"]) for r in data["rows"]}
+    assert kinds == {("layer", "custom"), ("layer", "vendor"), ("network", "one-launch"), ("network", "chain")}
+    assert "not measured" in data["source"]
+    header = tmp_path / "paths.h"
+    header.write_text(open(PATHS_H).read())
+    assert subprocess.run([sys.executable, APPLY, str(tmp_path / "thresholds.json"), "--header", str(header)],
+                          capture_output=True).returncode == 0
+
+
+def test_sweep_refuses_to_time_without_a_gpu(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible: the sweep would run")  # the refusal exists only without one
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_sweep.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "no CUDA GPU visible" in proc.stderr
