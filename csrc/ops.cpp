@@ -96,6 +96,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("cpu_gemm_isas", &dynnet::gemm::available_isas, "the CPU GEMM engines this CPU and build can run");
   module.def("set_cpu_gemm_isa", &dynnet::gemm::set_isa, pybind11::arg("name"),
              "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");
+  module.def("set_cpu_gemm_form", &dynnet::gemm::set_form, pybind11::arg("name"),
+             "force the engine's dot or packed kernels where they apply, or auto (the shape rule); returns the "
+             "previous setting");
   module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
              pybind11::arg("seconds") = 0.2,
              "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");
@@ -114,6 +117,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     info["torch_version"] = std::string(DYNNET_TORCH_VERSION);  // the torch it was built against
     // The CPU GEMM engine at load (DYNNET_EXT_CPU_GEMM is read, and rejected if wrong, here).
     info["cpu_gemm_isa"] = dynnet::gemm::isa();
+    info["cpu_gemm_form"] = dynnet::gemm::form();
     return info;
   });
 }

@@ -73,12 +73,22 @@ def _restore_cpu_gemm():
     yield
     if previous is not None:
         _C.set_cpu_gemm_isa(previous)
+        _C.set_cpu_gemm_form("auto")
 
 
 @pytest.fixture(params=CPU_GEMM_ISAS or [None])
 def cpu_gemm_isa(request):
     """Parametrises a test over the CPU GEMM engines (a no-op without compiled kernels)."""
     set_cpu_gemm(request.param)
+    return request.param
+
+
+@pytest.fixture(params=["dot", "packed"] if CPU_GEMM_ISAS else [None])
+def cpu_gemm_form(request):
+    """Parametrises a test over the engine's float32 forward forms, forced (gemm.cpp's choose_form;
+    a problem the dot form cannot run stays packed)."""
+    if request.param is not None:
+        _C.set_cpu_gemm_form(request.param)
     return request.param
 
 

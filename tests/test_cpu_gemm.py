@@ -2,7 +2,9 @@
 the epilogue, thread-count independence, and the engine switch (DYNNET_EXT_CPU_GEMM).
 
 Tile sizes: avx512 6 rows x 64 columns (4 vectors of 16), avx2 6 x 16 (2 vectors of 8); float32
-K-blocks of 256. The sizes below straddle each of those edges."""
+K-blocks of 256. The float32 forward's dot form (no packing): tiles of 4 x 6 (avx512) or 3 x 4
+(avx2) elements of C, K-blocks of 1024. The sizes below straddle each of those edges; the tests
+that take `cpu_gemm_form` run with each form forced."""
 
 import os
 import subprocess
@@ -17,9 +19,9 @@ from dynnet_ext import reference
 OPS = torch.ops.dynnet
 pytestmark = pytest.mark.skipif(not CPU_GEMM_ISAS, reason="dynnet_ext._C not built")
 
-ROWS = [1, 5, 6, 7, 12, 13]  # around the 6-row tile
+ROWS = [1, 5, 6, 7, 12, 13, 17]  # around the 6-row tile (the layer backward runs the engine from 12 rows)
 COLS = [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100]  # around 8/16-float vectors and 16/64-column panels
-DEPTHS = [0, 1, 255, 256, 257, 600]  # around the 256-long K-blocks (0: no products, y = act(bias))
+DEPTHS = [0, 1, 255, 256, 257, 600, 1025]  # around the 256- and 1024-long K-blocks (0: y = act(bias))
 
 
 def forward_backward(x, w, b, activation):
@@ -45,7 +47,7 @@ def check_against_reference(x, w, b, activation, dtype=torch.float32):
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n", COLS)
-def test_tile_edges(m, n, cpu_gemm_isa):
+def test_tile_edges(m, n, cpu_gemm_isa, cpu_gemm_form):
     k = 37
     x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
     check_against_reference(x, w, b, "relu")
@@ -53,14 +55,14 @@ def test_tile_edges(m, n, cpu_gemm_isa):
 
 @pytest.mark.parametrize("k", DEPTHS)
 @pytest.mark.parametrize("activation", ["relu", "none"])
-def test_k_block_edges(k, activation, cpu_gemm_isa):
+def test_k_block_edges(k, activation, cpu_gemm_isa, cpu_gemm_form):
     x, w, b = torch.randn(13, k), torch.randn(65, k) / max(k, 1) ** 0.5, torch.randn(65)
     check_against_reference(x, w, b, activation)
 
 
 @pytest.mark.parametrize("layout", ["x_transposed", "w_transposed", "x_expanded", "x_rows_strided", "x_cols_strided",
                                     "x_3d_sliced"])
-def test_strided_operands(layout, cpu_gemm_isa):
+def test_strided_operands(layout, cpu_gemm_isa, cpu_gemm_form):
     m, k, n = 14, 70, 33
     x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
     if layout == "x_transposed":
@@ -88,7 +90,7 @@ def test_half_types_edges(dtype, k, cpu_gemm_isa):
     torch.testing.assert_close(y, reference.linear_act(x.float(), w.float(), b.float(), "relu").to(dtype), **tol(dtype))
 
 
-def test_epilogue_nan(cpu_gemm_isa):
+def test_epilogue_nan(cpu_gemm_isa, cpu_gemm_form):
     # ReLU keeps NaN (torch.relu does), and the backward mask lets the gradient through where y
     # is NaN (threshold_backward does).
     x = torch.randn(9, 20)
@@ -110,7 +112,7 @@ ENGINES = [i for i in CPU_GEMM_ISAS if i != "aten"]
 
 @pytest.mark.parametrize("shape", [(1024, 300, 200), (5, 300, 700), (64, 1000, 100), (12, 100, 400)])
 @pytest.mark.parametrize("isa", ENGINES)
-def test_same_bits_for_any_thread_count(shape, isa):
+def test_same_bits_for_any_thread_count(shape, isa, cpu_gemm_form):
     # Work is split over rows or column panels of C, never over K: every element gets the same
     # FMAs in the same order, so 1, 2 and 3 threads give identical bits. The shapes split by
     # rows, by panels (5 rows), the seed's input layer, and one worth 2 tasks only: on 3 threads
@@ -158,6 +160,40 @@ def test_kernels_per_dtype(cpu_gemm_isa):
     assert names["float32"] == names["float16"] == cpu_gemm_isa
     bf16 = "avx512_bf16" if cpu_gemm_isa == "avx512" and "avx512_bf16" in cpu_flags() else cpu_gemm_isa
     assert names["bfloat16"] == bf16
+
+
+@pytest.mark.parametrize("isa", ENGINES)
+def test_forms_are_forced(isa):
+    # The two forms sum each element's K products in different groupings, so forcing one or the
+    # other changes the forward's bits (both within float32's tolerance, checked above): this
+    # proves the switch reaches the kernels. The backward has no dot form: same bits either way.
+    set_cpu_gemm(isa)
+    from dynnet_ext import _C
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(64, 1000, generator=g), torch.randn(100, 1000, generator=g) / 1000**0.5, torch.randn(100)
+    gy = torch.randn(64, 100, generator=g)
+    out = {}
+    for form in ("dot", "packed"):
+        _C.set_cpu_gemm_form(form)
+        y = OPS.linear_relu(x, w, b, "relu")
+        out[form] = (y, OPS.linear_relu_backward(gy, x, w, out["dot"][0] if out else y, "relu", [True, True, True]))
+    assert not torch.equal(out["dot"][0], out["packed"][0])
+    torch.testing.assert_close(out["dot"][0], out["packed"][0], **tol(torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(out["dot"][1], out["packed"][1]))
+
+
+def test_form_switch_and_errors():
+    from dynnet_ext import _C
+
+    assert _C.set_cpu_gemm_form("dot") == "auto"
+    assert _C.set_cpu_gemm_form("auto") == "dot"
+    with pytest.raises(RuntimeError, match="must be auto, dot or packed, got 'fast'"):
+        _C.set_cpu_gemm_form("fast")
+    done = run_python("import dynnet_ext", DYNNET_EXT_CPU_GEMM_FORM="fast")
+    assert done.returncode != 0 and "DYNNET_EXT_CPU_GEMM_FORM must be auto, dot or packed, got 'fast'" in done.stderr
+    done = run_python("from dynnet_ext import _C; print(_C.set_cpu_gemm_form('auto'))", DYNNET_EXT_CPU_GEMM_FORM="packed")
+    assert done.returncode == 0 and done.stdout.strip() == "packed", done.stderr
 
 
 def test_engine_switch_and_errors():

@@ -81,7 +81,9 @@ gemm::Problem linear_problem(const at::Tensor& a, const at::Tensor& w, const at:
 void add_chain_phases(std::vector<std::function<void(int64_t)>>& phases, const gemm::Kernels* k,
                       const std::vector<const gemm::Problem*>& layers, const std::vector<gemm::PackedB>& packed,
                       int64_t M, int64_t T) {
-  if (T > 1 && M >= 2 * k->mr * T) {
+  int64_t mr = 0;
+  for (const auto& b : packed) mr = std::max(mr, gemm::row_tile(k, b));
+  if (T > 1 && M >= 2 * mr * T) {
     phases.emplace_back([&layers, &packed, k, M, T](int64_t t) {
       const auto [r0, r1] = share(M, t, T);
       for (size_t i = 0; i < layers.size(); ++i) gemm::compute_rows(k, *layers[i], packed[i], r0, r1);
@@ -90,7 +92,7 @@ void add_chain_phases(std::vector<std::function<void(int64_t)>>& phases, const g
   }
   for (size_t i = 0; i < layers.size(); ++i)
     phases.emplace_back([&layers, &packed, k, T, i](int64_t t) {
-      gemm::compute(k, *layers[i], packed[i], gemm::split(k, *layers[i], t, T));
+      gemm::compute(k, *layers[i], packed[i], gemm::split(k, *layers[i], packed[i], t, T));
     });
 }
 
@@ -197,7 +199,8 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "dynamic_net_backward_cpu", [&] {
     phases.emplace_back([&](int64_t t) {
       for (size_t i = 0; i < weights.size(); ++i)
-        gemm::compute(k, weights[i], pack[first_weight + i], gemm::split(k, weights[i], t, T));
+        gemm::compute(k, weights[i], pack[first_weight + i],
+                      gemm::split(k, weights[i], pack[first_weight + i], t, T));
       const auto [u0, u1] = share(H, t, T);
       const auto [o0, o1] = share(D_out, t, T);
       const scalar_t* Gp = need_g ? G.const_data_ptr<scalar_t>() : nullptr;

@@ -16,6 +16,11 @@
 // it, no per-call primitive creation and no per-call allocation (packing buffers are thread-
 // local and reused), and the same bits for any thread count.
 //
+// The float32 forward (A = x, B = W^T read as W's rows) has a second form, the dot form
+// (gemm_kernel.h's dot_rect): nothing packed, each element of C a vector of lane partial sums
+// along K. choose_form picks it by shape (few rows, narrow N, or long K with a small output);
+// DYNNET_EXT_CPU_GEMM_FORM=dot|packed forces one where it applies.
+//
 // Instruction sets (one translation unit each, compiled with its own target options; the
 // library itself needs only x86-64): avx512 (6 x 64 tile), avx2 (6 x 16), chosen at run time
 // from cpuid; DYNNET_EXT_CPU_GEMM=avx2 (or avx512, aten) forces one, and `aten` restores the
@@ -36,6 +41,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <exception>
 #include <cstdlib>
@@ -97,6 +103,27 @@ std::atomic<int>& current_isa() {
   return isa;
 }
 
+// The dot form's shape thresholds (choose_form).
+constexpr int64_t kDotMaxNarrowN = 16;
+constexpr int64_t kDotMinK = 256;
+constexpr int64_t kDotMaxOutput = int64_t(1) << 20;
+
+enum FormChoice : int { kFormAuto = 0, kFormDot = 1, kFormPacked = 2 };
+const char* kFormNames[] = {"auto", "dot", "packed"};
+
+int initial_form() {
+  const char* env = std::getenv("DYNNET_EXT_CPU_GEMM_FORM");
+  if (env == nullptr || *env == '\0') return kFormAuto;
+  for (int i = 0; i < 3; ++i)
+    if (std::string(env) == kFormNames[i]) return i;
+  TORCH_CHECK(false, "dynnet: DYNNET_EXT_CPU_GEMM_FORM must be auto, dot or packed, got '", env, "'");
+}
+
+std::atomic<int>& form_override() {
+  static std::atomic<int> form{initial_form()};
+  return form;
+}
+
 // Grows-only buffer, 64-byte aligned, one per thread: packed B for the calling thread, A
 // slivers for a worker. No allocation once a thread has seen its largest problem.
 struct Buffer {
@@ -116,10 +143,12 @@ float* scratch(const Kernels* k, const Problem& p) {
   return reinterpret_cast<float*>(buf.get(k->scratch_floats(p.dtype, p.K) * sizeof(float)));
 }
 
-// Below ~17 us of one core's work a second thread does not pay on a busy machine: waking it and
-// meeting it at a barrier cost 5-10 us (measured on 2 shared cores: 64 x 100 x 100 forward 18 us
-// on 1 thread, 30 us on 2 at 4e5; MKL keeps such GEMMs on one thread too).
-constexpr double kMinTaskFlops = 2e6;
+// Below ~5 us of one core's work a second thread does not pay: waking it and meeting it at a
+// barrier cost a few us. Measured on the 2-core Zen 4 with no other process preempting the
+// run (chrt): 64 x 100 x 100 (1.3 MFLOP) forward 1.2x faster and its backward 1.6x faster on 2
+// threads than on 1. (When other processes keep the cores busy, a second thread is often not
+// there when called and the same call takes longer on 2 threads than on 1.)
+constexpr double kMinTaskFlops = 5e5;
 
 }  // namespace
 
@@ -156,6 +185,14 @@ std::string kernels_name(const std::string& dtype) {
 
 std::string isa() { return kIsaNames[current_isa().load()]; }
 
+std::string form() { return kFormNames[form_override().load()]; }
+
+std::string set_form(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kFormNames[i]) return kFormNames[form_override().exchange(i)];
+  TORCH_CHECK(false, "dynnet: the GEMM form must be auto, dot or packed, got '", name, "'");
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
   for (int i = 2; i >= 0; --i)
@@ -176,17 +213,39 @@ int64_t num_tasks(double flops) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
 }
 
+Form choose_form(const Kernels* k, const Problem& p) {
+  const bool dot_ok = k->dot && p.dtype == DType::F32 && p.a.cs == 1 && p.b.rs == 1 && !p.a_mask_y.p &&
+                      !p.epi.mask_y.p;
+  const int f = form_override().load(std::memory_order_relaxed);
+  if (!dot_ok || f == kFormPacked) return Form::Packed;
+  if (f == kFormDot) return Form::Dot;
+  // The shape rule (measured on the 2-core Zen 4, float32, 1 and 2 threads: benchmarks/results/
+  // cpu/README.md). Packing B pays off when many rows reuse it; the dot form's lane sums, one per
+  // element and K-block, when K is long; narrow N wastes most of a packed panel's lanes.
+  const bool few_rows = p.M < k->mr;                               // 1 x 1000 x 100: dot 2.5x packed
+  const bool narrow = p.N <= kDotMaxNarrowN;                       // 64 x 1000 x 10: 1.6x
+  const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.4x;
+  return few_rows || narrow || long_k ? Form::Dot : Form::Packed;  // 64 x 100 x 100, 1024^3: packed 1.1x
+}
+
 BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_(k), problems_(problems) {
   thread_local Buffer buf;
+  std::vector<Form> forms;
   std::vector<size_t> offset(problems.size() + 1, 0);
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = *problems[i];
-    offset[i + 1] = offset[i] + (k->packed_b_bytes(p.dtype, p.K, p.N) + 63) / 64 * 64;
+    forms.push_back(choose_form(k, p));
+    const size_t bytes = forms[i] == Form::Dot ? 0 : k->packed_b_bytes(p.dtype, p.K, p.N);
+    offset[i + 1] = offset[i] + (bytes + 63) / 64 * 64;
   }
   char* base = buf.get(offset.back());
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = *problems[i];
-    packed_.push_back({base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr});
+    if (forms[i] == Form::Dot) {
+      packed_.push_back({nullptr, p.K, p.N, k->dot_kc, k->dot_nr, Form::Dot});
+      continue;
+    }
+    packed_.push_back({base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr, Form::Packed});
     for (int64_t q = 0; q < packed_[i].panels(); ++q) units_.emplace_back(i, q);
   }
 }
@@ -200,6 +259,11 @@ void BPack::run(int64_t t, int64_t T) const {
     k_->pack_b(*problems_[i], const_cast<void*>(packed_[i].data), units_[u].second, units_[v - 1].second + 1);
     u = v;
   }
+}
+
+void BPack::run_problem(size_t i) const {
+  if (packed_[i].form == Form::Packed && packed_[i].panels() > 0)
+    k_->pack_b(*problems_[i], const_cast<void*>(packed_[i].data), 0, packed_[i].panels());
 }
 
 void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phases) {
@@ -254,16 +318,19 @@ std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>&
   return pack.packed();
 }
 
-Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T) {
-  const int64_t P = p.N == 0 ? 0 : (p.N + k->nr - 1) / k->nr;
+int64_t row_tile(const Kernels* k, const PackedB& b) { return b.form == Form::Dot ? k->dot_mr : k->mr; }
+
+Rect split(const Kernels* k, const Problem& p, const PackedB& b, int64_t t, int64_t T) {
+  const int64_t P = b.panels();
   // Rows while each task keeps at least two row tiles (or panels cannot be split); rows are
   // split at any row, so the parts stay even (a partial tile costs about its rows).
-  if (T == 1 || p.M >= 2 * k->mr * T || P < T) return {p.M * t / T, p.M * (t + 1) / T, 0, P};
+  if (T == 1 || p.M >= 2 * row_tile(k, b) * T || P < T) return {p.M * t / T, p.M * (t + 1) / T, 0, P};
   return {0, p.M, P * t / T, P * (t + 1) / T};
 }
 
 void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r) {
   if (r.r1 <= r.r0 || r.p1 <= r.p0) return;
+  if (b.form == Form::Dot) return k->dot(p, r.r0, r.r1, r.p0 * b.nr, std::min(p.N, r.p1 * b.nr));
   k->compute(p, b, r.r0, r.r1, r.p0, r.p1, scratch(k, p));
 }
 
@@ -304,10 +371,21 @@ void run(const Kernels* k, const std::vector<const Problem*>& problems) {
   for (const Problem* p : problems) flops += 2.0 * p->M * p->N * std::max<int64_t>(p->K, 1);
   const int64_t T = num_tasks(flops);
   const BPack pack(k, problems);
+  const auto flops_of = [](const Problem* p) { return double(p->M) * p->N * std::max<int64_t>(p->K, 1); };
+  if (T > 1 && static_cast<int64_t>(problems.size()) == T &&
+      std::all_of(problems.begin(), problems.end(), [&](const Problem* p) { return flops_of(p) == flops_of(problems[0]); })) {
+    // Side by side: no work shared between tasks, so no barrier and no B packed by one thread
+    // and read by the other (the two operands of a layer's backward are different matrices).
+    run_phases(T, {[&](int64_t t) {
+      pack.run_problem(t);
+      compute(k, *problems[t], pack[t], {0, problems[t]->M, 0, pack[t].panels()});
+    }});
+    return;
+  }
   run_phases(T, {[&](int64_t t) { pack.run(t, T); },
                  [&](int64_t t) {
                    for (size_t i = 0; i < problems.size(); ++i)
-                     compute(k, *problems[i], pack[i], split(k, *problems[i], t, T));
+                     compute(k, *problems[i], pack[i], split(k, *problems[i], pack[i], t, T));
                  }});
 }
 

@@ -43,6 +43,7 @@ class BPack {
  public:
   BPack(const Kernels* k, const std::vector<const Problem*>& problems);
   void run(int64_t t, int64_t T) const;
+  void run_problem(size_t i) const;  // every panel of problem i, on the calling thread
   const PackedB& operator[](size_t i) const { return packed_[i]; }
   const std::vector<PackedB>& packed() const { return packed_; }
 
@@ -77,7 +78,15 @@ std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>&
 struct Rect {
   int64_t r0, r1, p0, p1;
 };
-Rect split(const Kernels* k, const Problem& p, int64_t t, int64_t T);
+Rect split(const Kernels* k, const Problem& p, const PackedB& b, int64_t t, int64_t T);
+// Rows of the micro-tile that computes a problem packed as `b`.
+int64_t row_tile(const Kernels* k, const PackedB& b);
+// Which form runs a problem (gemm_api.h's Form).
+Form choose_form(const Kernels* k, const Problem& p);
+// Forces a form where it applies ("dot", "packed") or restores the rule ("auto"); returns the
+// previous setting. DYNNET_EXT_CPU_GEMM_FORM sets it at start.
+std::string set_form(const std::string& name);
+std::string form();  // the setting: auto, dot or packed
 
 // Computes rectangle `r` of problem `p` on the calling thread.
 void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r);
@@ -85,8 +94,11 @@ inline void compute_rows(const Kernels* k, const Problem& p, const PackedB& b, i
   compute(k, p, b, {r0, r1, 0, b.panels()});
 }
 
-// Packs and computes the problems, each split across the threads when worth it: the packing in
-// one parallel region, the products in a second. Bitwise the same results for any thread count.
+// Packs and computes the problems. As many problems of equal FLOPs as tasks (the backward's
+// grad_x and grad_weight on two threads): side by side, each task packing and computing one whole
+// problem, with no barrier. Otherwise each is split across the threads when worth it: the packing
+// in one parallel region, the products in a second. Bitwise the same results for any thread
+// count (no split changes an element's sum).
 void run(const Kernels* k, const std::vector<const Problem*>& problems);
 
 // The FMA ceiling of the engine `isa` (avx512 or avx2) on `threads` threads, in GFLOP/s: a

@@ -48,13 +48,20 @@ struct Problem {
   Epilogue epi;
 };
 
-// B packed into panels of `nr` columns (zero-padded past N), K split in blocks of `kc` rows:
-// block q holds rows [q kc, q kc + kcb) of every panel, panel after panel, kcb x width each.
-// Built once and read by every task (and, in the network op, by every layer that shares it).
+// How a problem's products run (gemm.cpp's choose_form says which, per problem):
+//   Packed: B packed into panels of `nr` columns (zero-padded past N), K split in blocks of `kc`
+//           rows: block q holds rows [q kc, q kc + kcb) of every panel, panel after panel, kcb x
+//           width each. Built once and read by every task (and, in the network op, by every layer
+//           that shares it). The broadcast-A micro-kernel reads it.
+//   Dot:    nothing packed (data is null): A and B are both read where they lie, contiguous along
+//           k (the forward's x @ W^T), by the dot-product micro-kernel; `nr` is its tile's width
+//           in columns of C and `kc` its K-block.
+enum class Form : int { Packed, Dot };
 struct PackedB {
   const void* data = nullptr;
   int64_t K = 0, N = 0, kc = 0, nr = 0;
-  int64_t panels() const { return nr ? (N + nr - 1) / nr : 0; }
+  Form form = Form::Packed;
+  int64_t panels() const { return nr ? (N + nr - 1) / nr : 0; }  // column units of C (panels or dot tiles)
 };
 
 // One instruction set's kernels. `compute` runs the tile rectangle rows [r0, r1) x panels
@@ -69,6 +76,11 @@ struct Kernels {
   void (*pack_b)(const Problem& p, void* dst, int64_t p0, int64_t p1);  // panels [p0, p1)
   void (*compute)(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
                   float* scratch);
+  // The dot form (float32 only): C rows [r0, r1) x columns [c0, c1) from A (a.cs == 1) and B
+  // (b.rs == 1) where they lie; dot_mr x dot_nr tiles, K-blocks of dot_kc. Same promise as compute:
+  // each element's sum does not depend on the rectangle.
+  int64_t dot_mr, dot_nr, dot_kc;
+  void (*dot)(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
   // FLOPs of `iters` rounds of 2 x MR x NVMAX independent register FMAs (no memory): the core's
   // FMA ceiling, to tell a kernel's speed from the hardware's.
   double (*fma_loop)(int64_t iters);

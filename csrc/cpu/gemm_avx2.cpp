@@ -53,6 +53,13 @@ struct Avx2 {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V relu(V v) { return _mm256_max_ps(zero(), v); }  // max returns its 2nd operand for NaN: keeps NaN
   static V mask_le0(V y, V v) { return _mm256_blendv_ps(v, zero(), _mm256_cmp_ps(y, zero(), _CMP_LE_OQ)); }
+  // The dot form's tile (gemm_kernel.h): 3 rows x 4 columns of C, 12 accumulators + 3 A vectors
+  // + 1 B vector = the 16 registers.
+  static constexpr int DR = 3, DC = 4;
+  static constexpr int64_t DKC = 1024;
+  static __m256 fold(V v) { return v; }
+  static __m256 load8(const float* p, int n) { return load(p, n); }
+  static void store8(float* p, __m256 v, int n) { store(p, v, n); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store(float* p, V v, int n) { n == W ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask(n), v); }
   static void store_bits(uint16_t* p, __m128i h, int n) {

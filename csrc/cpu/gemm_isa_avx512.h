@@ -40,6 +40,13 @@ struct Avx512 {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V relu(V v) { return _mm512_max_ps(zero(), v); }  // max returns its 2nd operand for NaN: keeps NaN
   static V mask_le0(V y, V v) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero(), _CMP_LE_OQ), v, zero()); }
+  // The dot form's tile (gemm_kernel.h): 4 rows x 6 columns of C, 24 accumulators, 4 + 6 vector
+  // loads per 24 FMAs; A's 4 x DKC block (16 KiB) stays in L1, B's rows stream from L2.
+  static constexpr int DR = 4, DC = 6;
+  static constexpr int64_t DKC = 1024;
+  static __m256 fold(V v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+  static __m256 load8(const float* p, int n) { return _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1u), p); }
+  static void store8(float* p, __m256 v, int n) { _mm256_mask_storeu_ps(p, static_cast<__mmask8>((1u << n) - 1u), v); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store(float* p, V v, int n) { n == W ? _mm512_storeu_ps(p, v) : _mm512_mask_storeu_ps(p, mask(n), v); }
   static void store(bf16_t* p, V v, int n) {  // round to nearest even; NaN stays a (quiet) NaN

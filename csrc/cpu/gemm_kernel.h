@@ -373,6 +373,139 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// The dot form: C[i, j] = sum_k A[i, k] B[k, j] with A's rows and B's columns both contiguous
+// along k - the forward's x @ W^T, B = W^T read as W's rows. Nothing is packed: a DR x DC tile
+// keeps DR x DC vector accumulators, each a W-lane partial sum of one C element over k (lane l
+// sums k = l, l + W, ...); per k-step DR vectors of A and DC of B are loaded where they lie.
+// At the end of a K-block the W lanes of each accumulator are summed by a fixed tree (hsum),
+// and the DC sums of a row - DC consecutive elements of C - get the epilogue and one masked
+// store. So the packed form's costs go away: no pass over W to pack it (at M = 64 it costs as
+// much as a quarter of the products), no zero-padded lanes at an N that is no multiple of 16
+// (N = 100: 16 % waste), and no packed B shared between the cores.
+//
+// Loop nest of a task (rows [r0, r1) x columns [c0, c1)): chunks of columns whose B rows fit
+// half of L2, then K-blocks of DKC, then row tiles (A's DR x DKC block stays in L1), then
+// column tiles (B's DC x DKC block streams from L2). float32 K-blocks after the first add into
+// C (as in the packed form): each element's sum has the same order and grouping whatever the
+// tile or task, so any split of rows and columns gives the same bits.
+
+// hsum<C>(acc)[j] = the sum of acc[j]'s lanes, j < C <= 8, by a fixed tree.
+template <class I, int C>
+__m256 hsum(const typename I::V* acc) {
+  __m256 f[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) f[j] = j < C ? I::fold(acc[j]) : _mm256_setzero_ps();
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(f[0], f[1]), _mm256_hadd_ps(f[2], f[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(f[4], f[5]), _mm256_hadd_ps(f[6], f[7]));
+  // q0 = [sums of lanes 0-3 of f0..f3 | of lanes 4-7 of f0..f3], q1 the same for f4..f7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+struct DotArgs {
+  const float* a;  // A(i, k) at a[i * lda + k], offset to the tile and the K-block
+  int64_t lda;
+  const float* b;  // B(k, j) at b[j * ldb + k], offset likewise
+  int64_t ldb;
+  int64_t kcb;
+  float* c;  // offset to the tile
+  int64_t ldc;
+  const float* bias;  // offset to the tile's first column, or nullptr
+  bool relu, first, last;
+};
+
+template <class I, int R, int C>
+void dot_kernel(const DotArgs& t) {
+  using V = typename I::V;
+  V acc[R][C];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < C; ++j) acc[i][j] = I::zero();
+  const float* __restrict__ a = t.a;
+  const float* __restrict__ b = t.b;
+  const auto step = [&](int64_t k, int n) {  // n valid lanes: W but at the K-block's end
+    V av[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) av[i] = n == I::W ? I::load(a + i * t.lda + k) : I::load(a + i * t.lda + k, n);
+#pragma GCC unroll 8
+    for (int j = 0; j < C; ++j) {
+      const V bv = n == I::W ? I::load(b + j * t.ldb + k) : I::load(b + j * t.ldb + k, n);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) acc[i][j] = I::fma(av[i], bv, acc[i][j]);
+    }
+  };
+  const int64_t full = t.kcb / I::W * I::W;
+  for (int64_t k = 0; k < full; k += I::W) step(k, I::W);
+  if (full < t.kcb) step(full, static_cast<int>(t.kcb - full));
+
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    __m256 s = hsum<I, C>(acc[i]);
+    float* c = t.c + i * t.ldc;
+    if (!t.first) s = _mm256_add_ps(s, I::load8(c, C));
+    if (t.last) {
+      if (t.bias) s = _mm256_add_ps(s, I::load8(t.bias, C));
+      if (t.relu) s = _mm256_max_ps(_mm256_setzero_ps(), s);  // max returns its 2nd operand for NaN: keeps NaN
+    }
+    I::store8(c, s, C);
+  }
+}
+
+template <class I>
+struct DotTable {  // fn[R - 1][C - 1]
+  using Fn = void (*)(const DotArgs&);
+  Fn fn[I::DR][I::DC];
+
+  template <int R, int C>
+  void fill_one() {
+    fn[R - 1][C - 1] = &dot_kernel<I, R, C>;
+    if constexpr (C < I::DC) fill_one<R, C + 1>();
+    else if constexpr (R < I::DR) fill_one<R + 1, 1>();
+  }
+  DotTable() { fill_one<1, 1>(); }
+};
+
+template <class I>
+void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  static_assert(I::DC <= 8, "a row of a dot tile is one 8-float vector after hsum");
+  static const DotTable<I> table;
+  const int64_t K = p.K, kc = I::DKC;
+  const float* A = static_cast<const float*>(p.a.p);
+  const float* B = static_cast<const float*>(p.b.p);
+  const float* bias = static_cast<const float*>(p.epi.bias);
+  float* Cm = static_cast<float*>(p.c);
+  const int64_t lda = p.a.rs, ldb = p.b.cs;
+  // Columns per chunk: their B rows (kc floats each) fill half of L2.
+  const int64_t chunk = std::max<int64_t>(I::DC, I::L2_FLOATS / 2 / kc / I::DC * I::DC);
+  const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
+  DotArgs t;
+  t.lda = lda;
+  t.ldb = ldb;
+  t.ldc = p.ldc;
+  t.relu = p.epi.relu;
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    for (int64_t q = 0; q < nblocks; ++q) {
+      const int64_t k0 = q * kc;
+      t.kcb = std::min(kc, K - k0);
+      t.first = q == 0;
+      t.last = q == nblocks - 1;
+      for (int64_t i = r0; i < r1; i += I::DR) {
+        const int R = static_cast<int>(std::min<int64_t>(I::DR, r1 - i));
+        t.a = A + i * lda + k0;
+        for (int64_t j = cc; j < ce; j += I::DC) {
+          const int C = static_cast<int>(std::min<int64_t>(I::DC, ce - j));
+          t.b = B + j * ldb + k0;
+          t.c = Cm + i * p.ldc + j;
+          t.bias = bias ? bias + j : nullptr;
+          table.fn[R - 1][C - 1](t);
+        }
+      }
+    }
+  }
+}
+
 template <class I>
 void pack_b_any(const Problem& p, void* d, int64_t p0, int64_t p1) {
   switch (p.dtype) {
@@ -419,7 +552,8 @@ size_t scratch_floats(DType dtype, int64_t K) {  // one block of A slivers
 
 template <class I>
 const Kernels* make_kernels(const char* name) {
-  static const Kernels k{name, I::MR, I::NR, &kc_for<I>, &packed_b_bytes<I>, &scratch_floats<I>, &pack_b_any<I>,
-                         &compute_any<I>, &fma_loop<I>};
+  static const Kernels k{name,          I::MR,          I::NR,         &kc_for<I>, &packed_b_bytes<I>,
+                         &scratch_floats<I>, &pack_b_any<I>, &compute_any<I>, I::DR,     I::DC,
+                         I::DKC,        &dot_rect<I>,   &fma_loop<I>};
   return &k;
 }
