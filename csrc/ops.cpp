@@ -28,8 +28,9 @@
 #include <atomic>
 
 #include "common.h"
-#include "dispatch.h"
 #include "cpu/gemm.h"
+#include "cuda/paths_python.h"
+#include "dispatch.h"
 
 namespace dynnet {
 namespace {
@@ -101,6 +102,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
              pybind11::arg("seconds") = 0.2,
              "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");
+  // The CUDA dispatch rule (csrc/cuda/paths.h): forced path, threshold table, the rule itself.
+  // Bound on every build: the rule is plain C++, readable and testable without a GPU.
+  dynnet::paths::bind(module);
   module.def("build_info", []() {
     pybind11::dict info;
     info["cpu_kernels"] = true;

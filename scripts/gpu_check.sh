@@ -6,22 +6,28 @@
 #
 # 1. prints nvidia-smi and versions; 2. builds the extension in place (CUDA, sm_90, editable
 # install, no network); 3. `python -m dynnet_ext info`; 4. the whole test suite (JUnit XML);
-# 5. the GPU benchmarks; 6. a summary. Every step's exit code is recorded; a failed step does not
-# stop the later ones, but the script exits non-zero if the build or the tests failed.
-# The whole run fits in GPU_CHECK_BUDGET seconds (default 470, under the 8 minutes planned per
-# call): each step's timeout is cut to what is left.
+# 5. the crossover sweep of the CUDA paths (scripts/cuda_sweep.py: each path forced, float32 /
+# tf32 / bfloat16 / float16, layer and network, seed shapes to 4096^3) writing thresholds.json;
+# 6. the GPU benchmarks; 7. a summary (in steps.log). Every step's exit code is recorded; a failed
+# step does not stop the later ones, but the script exits non-zero if the build or the tests failed.
+# The whole run fits in GPU_CHECK_BUDGET seconds (default 530, one ~9-minute device call): each
+# step's timeout is cut to what is left.
 #
 # What comes back ($OUT, at most 8 files by the device tool's rules):
-#   steps.log     nvidia-smi, versions, `dynnet_ext info`, benchmark output, each step's exit code
-#   build.log     the pip build (nvcc's ptxas register/spill report included)
-#   tests.log     pytest output;  tests.xml  its JUnit XML
+#   steps.log       nvidia-smi, versions, `dynnet_ext info`, sweep and benchmark output, each step's
+#                   exit code, the summary (pass/fail counts, GPU, torch, date, commit)
+#   build.log       the pip build (nvcc's ptxas register/spill report included)
+#   tests.log       pytest output;  tests.xml  its JUnit XML
+#   thresholds.json the sweep's timings and fitted thresholds: commit it under
+#                   benchmarks/results/gpu-h200/ and run `python scripts/apply_cuda_thresholds.py
+#                   benchmarks/results/gpu-h200/thresholds.json` to make them the source's defaults
 #   results.json, results.md, speedup.png   the benchmark's files (written to a scratch folder
-#                 first: three files in $OUT/bench plus a copy of results.json would break the limit)
-#   summary.txt   pass/fail counts, GPU, torch, date, commit
+#                   first: three files in $OUT/bench plus a copy of results.json would break the limit)
 #
-# Rehearsal without a GPU (runs the CPU suite end to end, never reinstalls):
-#   OUT=/tmp/gpucheck GPU_CHECK_SKIP_BUILD=1 bash scripts/gpu_check.sh
-# Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BENCH=1,
+# Rehearsal without a GPU (never reinstalls; the sweep runs its --dry-run, the model's predictions
+# in place of timings, through the same fitting and writer):
+#   OUT=/tmp/gpucheck GPU_CHECK_SKIP_BUILD=1 GPU_CHECK_SKIP_TESTS=1 GPU_CHECK_SKIP_BENCH=1 bash scripts/gpu_check.sh
+# Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SWEEP_BUDGET (default 90 s),
 # GPU_CHECK_BENCH_ARGS (the benchmark's arguments; the default below skips max-autotune, whose
 # tuning alone could eat the budget, and picks the shapes the CUDA targets name).
 set -u
@@ -30,7 +36,7 @@ set -o pipefail
 : "${OUT:?set OUT to the folder for logs and results}"
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-470}
+BUDGET=${GPU_CHECK_BUDGET:-530}
 START=$SECONDS
 STEPS="$OUT/steps.log"
 : >"$STEPS"
@@ -101,15 +107,30 @@ timeout "$(allow 60)" "$PY" -m dynnet_ext info 2>&1 | tee -a "$STEPS"
 step_done info $?
 
 # ---- 4. tests ------------------------------------------------------------------------------
-t=$(allow 240)
-log "== tests (timeout $t s)"
-# The CPU harness's cases are left out: they run on every CI run, and here the GPU runs the kernels.
-timeout "$t" "$PY" -m pytest tests -q -rs -p no:cacheprovider -k "not harness" --junitxml="$OUT/tests.xml" \
-  >"$OUT/tests.log" 2>&1
-step_done tests $?
-tail -n 5 "$OUT/tests.log" | tee -a "$STEPS"
+if [[ "${GPU_CHECK_SKIP_TESTS:-0}" == 1 ]]; then
+  log "== tests skipped (GPU_CHECK_SKIP_TESTS=1)"
+  step_done tests 0
+else
+  t=$(allow 200)
+  log "== tests (timeout $t s)"
+  # The CPU harness's cases are left out: they run on every CI run, and here the GPU runs the kernels.
+  timeout "$t" "$PY" -m pytest tests -q -rs -p no:cacheprovider -k "not harness" --junitxml="$OUT/tests.xml" \
+    >"$OUT/tests.log" 2>&1
+  step_done tests $?
+  tail -n 5 "$OUT/tests.log" | tee -a "$STEPS"
+fi
 
-# ---- 5. benchmarks -------------------------------------------------------------------------
+# ---- 5. crossover sweep --------------------------------------------------------------------
+sweep_budget=${GPU_CHECK_SWEEP_BUDGET:-90}
+t=$(allow $((sweep_budget + 60)))
+dry=""
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || dry="--dry-run"
+log "== sweep ${dry:-on the GPU} (budget $sweep_budget s, timeout $t s)"
+# shellcheck disable=SC2086  # $dry is one word or none
+timeout "$t" "$PY" scripts/cuda_sweep.py --out "$OUT" --budget "$sweep_budget" $dry 2>&1 | tee -a "$STEPS"
+step_done sweep $?
+
+# ---- 6. benchmarks -------------------------------------------------------------------------
 if [[ "${GPU_CHECK_SKIP_BENCH:-0}" == 1 ]]; then
   log "== bench skipped (GPU_CHECK_SKIP_BENCH=1)"
   step_done bench 0
@@ -128,10 +149,10 @@ else
   rm -rf "$bench_dir"
 fi
 
-# ---- 6. summary ----------------------------------------------------------------------------
-"$PY" - "$OUT" "${RC[build]}" "${RC[tests]}" "${RC[info]}" "${RC[bench]}" >"$OUT/summary.txt" 2>&1 <<'EOF'
+# ---- 7. summary ----------------------------------------------------------------------------
+"$PY" - "$OUT" "${RC[build]}" "${RC[tests]}" "${RC[info]}" "${RC[sweep]}" "${RC[bench]}" 2>&1 <<'EOF' | tee -a "$STEPS"
 import datetime, os, sys, xml.etree.ElementTree as ET
-out, rc_build, rc_tests, rc_info, rc_bench = sys.argv[1:]
+out, rc_build, rc_tests, rc_info, rc_sweep, rc_bench = sys.argv[1:]
 counts = "no JUnit XML (tests did not run or were killed)"
 try:
     root = ET.parse(f"{out}/tests.xml").getroot()
@@ -162,9 +183,9 @@ print(f"built:   {built}")
 print(f"build:   {status(rc_build)}")
 print(f"info:    {status(rc_info)}")
 print(f"tests:   {status(rc_tests)}: {counts}")
+print(f"sweep:   {status(rc_sweep)}")
 print(f"bench:   {status(rc_bench)}")
 EOF
-cat "$OUT/summary.txt" | tee -a "$STEPS"
 log "== done in $((SECONDS - START)) s; files in \$OUT: $(find "$OUT" -type f | wc -l) (the device tool returns at most 8)"
 
 ((RC[build] == 0 && RC[tests] == 0))

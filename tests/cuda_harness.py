@@ -183,20 +183,57 @@ def _build(variant, jobs, quiet):
 _loaded = {}
 
 
+# The forced paths the CUDA tests run every case on (csrc/cuda/paths.h): the custom kernels with
+# 16 x 16 split-reduction tiles, with 64 x 64 tiles, and the vendor path (cuBLAS on the GPU, the
+# harness's float64 reference for it on the CPU, behind the same host code).
+PATHS = ("split", "wide", "vendor")
+_PATH_SETTINGS = {
+    "split": ("custom", {"wide_tile_min_tiles": 1e30}),
+    "wide": ("custom", {"wide_tile_min_tiles": 0}),
+    "vendor": ("vendor", {}),
+    "auto": ("auto", {}),
+}
+
+
 class Target:
     """Where a CUDA test case runs: on the GPU ("cuda": torch.ops.dynnet on CUDA tensors) or in
-    the harness ("harness": the same launchers and kernels on CPU tensors)."""
+    the harness ("harness": the same launchers and kernels on CPU tensors), on one forced path
+    (PATHS, or "auto"). An id is "<target>-<path>", e.g. "harness-split"."""
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, path="auto"):
+        if "-" in name:
+            name, path = name.split("-", 1)
+        if path not in _PATH_SETTINGS:
+            raise ValueError(f"CUDA harness: unknown path {path!r} ({', '.join(_PATH_SETTINGS)})")
+        self.name, self.path = name, path
         self.device = "cuda" if name == "cuda" else "cpu"  # where its tensors live
 
     @property
     def ops(self):
         return torch.ops.dynnet if self.name == "cuda" else load()
 
+    @property
+    def controls(self):
+        """The module holding this target's dispatch state (set_cuda_path, the table)."""
+        if self.name == "cuda":
+            import dynnet_ext.ops
+            return dynnet_ext.ops._C
+        return load()
+
+    @contextlib.contextmanager
+    def forced(self):
+        """Within the `with` block the CUDA ops of this target take its path."""
+        path, table = _PATH_SETTINGS[self.path]
+        c = self.controls
+        previous_path, previous_table = c.set_cuda_path(path), c.set_cuda_dispatch_table(table)
+        try:
+            yield self
+        finally:
+            c.set_cuda_path(previous_path)
+            c.set_cuda_dispatch_table(previous_table)
+
     def __repr__(self):
-        return self.name
+        return f"{self.name}-{self.path}"
 
 
 @contextlib.contextmanager
@@ -214,10 +251,17 @@ def schedule(target, order):
         module.set_schedule("forward")
 
 
-def targets():
-    """pytest params for the two targets of the CUDA tests; the GPU one skips without a GPU."""
-    return [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
-            "harness"]
+def targets(paths=PATHS):
+    """pytest params "<target>-<path>" for the CUDA tests; the GPU ones skip without a GPU."""
+    gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+    return [pytest.param(f"cuda-{p}", marks=gpu) for p in paths] + [f"harness-{p}" for p in paths]
+
+
+def forced(request):
+    """The body of a `target` fixture: a Target (request.param: an id of targets()) with its path
+    forced while the test runs."""
+    with Target(request.param).forced() as t:
+        yield t
 
 
 def variant():
@@ -274,7 +318,8 @@ def sanitized_env(variant_name="sanitize"):
 
 # The sanitizer run: the tests with a harness parametrisation, less what adds time but no memory
 # accesses of its own - float16 (bfloat16 has the same 2-byte loads), long serial sums, repeats.
-HARNESS_TESTS = ["tests/test_cuda_harness.py", "tests/test_linear_relu_cuda.py", "tests/test_dynamic_net_ops.py"]
+HARNESS_TESTS = ["tests/test_cuda_harness.py", "tests/test_linear_relu_cuda.py", "tests/test_dynamic_net_ops.py",
+                 "tests/test_cuda_paths.py"]
 SANITIZE_SELECTION = "harness and not torch.float16 and not high_precision and not deterministic and not repeats"
 
 
@@ -330,43 +375,73 @@ class Bug:
 
 WRONG = r"Mismatched elements: \d+ / \d+"
 ASAN = r"AddressSanitizer: [a-z-]+"
+UBSAN = r"runtime error: [a-z ]+"
 BARRIER = r"threads wait at different __syncthreads\(\)"
 NEXT_ROUND = "__syncthreads();  // the next round overwrites the tiles"
 
 PLANTED_BUGS = [
+    # gemm.cuh: the custom path's tile GEMM, grad_bias column sums, and the launcher
     Bug("gemm-no-barrier-before-fma", "cuda/gemm.cuh", "__syncthreads();", "", "stmt", WRONG,
         "the barrier between storing a tile and reading it removed",
-        context="store_tile<kBN, kBRed>(Bs, b_reg, tid);\n    __syncthreads();"),
+        context="store_operand<T::kBN, kBRed, T>(Bs, b_reg, t);\n    __syncthreads();"),
     Bug("gemm-no-barrier-after-fma", "cuda/gemm.cuh", NEXT_ROUND, "", "stmt", WRONG,
         "the barrier before the next round overwrites the tiles removed"),
     Bug("gemm-divergent-barrier", "cuda/gemm.cuh", NEXT_ROUND, "if (tid < 128) __syncthreads();", "stmt", BARRIER,
         "that barrier reached by half of the block only"),
-    Bug("gemm-load-bound-off-by-one", "cuda/gemm.cuh", "row + i * Map::kStep < rows", "row + i * Map::kStep <= rows",
-        "expr", ASAN, "a tile load reads one row past the operand"),
-    Bug("gemm-mask-flipped", "cuda/gemm.cuh", "static_cast<acc_t>(y[offset + i * step]) <= acc_t(0)",
-        "static_cast<acc_t>(y[offset + i * step]) < acc_t(0)", "expr", WRONG,
+    Bug("gemm-load-bound-off-by-one", "cuda/gemm.cuh", "r < rows", "r <= rows", "expr", ASAN,
+        "a tile load reads one row past the operand", context="    if (r < rows) {"),
+    Bug("gemm-mask-flipped", "cuda/gemm.cuh", "m[e] <= acc_t(0)", "m[e] < acc_t(0)", "expr", WRONG,
         "the ReLU mask `y <= 0` of grad_y's tiles flipped to `y < 0`"),
-    Bug("gemm-tile-element-not-stored", "cuda/gemm.cuh", "s[lane][strided] = reg[i];",
-        "if (lane != 5 || strided != 7) s[lane][strided] = reg[i];", "stmt", WRONG,
-        "one element of a shared tile never stored (it reads NaN)"),
+    Bug("gemm-tile-element-not-stored", "cuda/gemm.cuh", "s[4 * q + e][strided] = reg[i][e];",
+        "if (q != 1 || e != 2 || strided != 7) s[4 * q + e][strided] = reg[i][e];", "stmt", WRONG,
+        "one element of a shared tile never stored (it reads what the previous slice left)"),
     Bug("gemm-epilogue-bound-off-by-one", "cuda/gemm.cuh", "row >= p.rows", "row > p.rows", "expr", ASAN,
         "the epilogue writes one row past C"),
-    Bug("bias-grad-bound-off-by-one", "cuda/linear_relu.cuh", "n >= N", "n > N", "expr", ASAN,
-        "grad_bias's own kernel reads and writes one column past the end"),
-    Bug("gemm-grid-too-small", "cuda/linear_relu.cuh", "ceil_div<int64_t>(args.cols, kBN)",
-        "args.cols / kBN + (args.cols < kBN)", "expr", WRONG,
+    Bug("gemm-group-sum-skips-a-warp", "cuda/gemm.cuh", "1", "2", "expr", WRONG,
+        "the split tile's reduction leaves out warp 1's partial tile", context="int g = 1; g < T::kGroups; ++g"),
+    Bug("gemm-no-barrier-before-group-sum", "cuda/gemm.cuh", "__syncthreads();", "", "stmt", WRONG,
+        "the barrier between the warps' partial tiles and their sum removed",
+        context="    __syncthreads();\n    acc_t v = partial[tid];"),
+    Bug("gemm-grid-too-small", "cuda/gemm.cuh", "ceil_div<int64_t>(p.cols, T::kBN)",
+        "(p.cols / T::kBN + (p.cols < T::kBN))", "expr", WRONG,
         "the grid misses the last partial column tile (its outputs stay NaN)"),
+    Bug("quad-loads-misaligned", "cuda/gemm.cuh", "row_len % 4 == 0", "true", "expr", UBSAN,
+        "vector loads allowed on rows whose length is not a multiple of 4 (misaligned 16-byte loads)",
+        context="base != nullptr && row_len % 4 == 0"),
+    Bug("colsum-bound-off-by-one", "cuda/gemm.cuh", "col < cols", "col <= cols", "expr", ASAN,
+        "the column sums read one column past the matrix", context="  if (col < cols) {"),
+    Bug("colsum-no-barrier", "cuda/gemm.cuh", "__syncthreads();", "", "stmt", WRONG,
+        "the barrier between the warps' column partials and their sum removed",
+        context="  partial[warp * 32 + lane] = sum;\n  __syncthreads();"),
+    Bug("colsum-mask-flipped", "cuda/gemm.cuh", "static_cast<op_t>(y[at]) <= op_t(0)",
+        "static_cast<op_t>(y[at]) < op_t(0)", "expr", WRONG, "grad_bias's ReLU mask flipped"),
+    # vendor.cuh: the vendor path's host logic and its own pass
+    Bug("vendor-weight-not-transposed", "cuda/vendor.cuh", "blas_ready(w.t())",
+        "blas_ready(w.reshape({w.size(1), w.size(0)}))", "expr", WRONG,
+        "the forward hands cuBLAS the weight reshaped instead of transposed"),
+    Bug("vendor-no-relu", "cuda/vendor.cuh", "relu && !lt_relu", "relu && lt_relu", "expr", WRONG,
+        "the vendor forward never applies the ReLU outside the epilogue"),
+    Bug("vendor-chunk-sum-skips-last", "cuda/vendor.cuh", "c < chunks", "c < chunks - 1", "expr", WRONG,
+        "grad_bias leaves out the last row chunk's partial sums"),
+    # dynamic_net.cuh: the one-launch network kernels
     Bug("net-mask-flipped", "cuda/dynamic_net.cuh", "static_cast<acc_t>(h[r * N + c]) <= acc_t(0)",
         "static_cast<acc_t>(h[r * N + c]) < acc_t(0)", "expr", WRONG, "the network backward's ReLU mask flipped"),
-    Bug("net-no-barrier-after-backward-layer", "cuda/dynamic_net.cuh", "__syncthreads();", "", "stmt", WRONG,
-        "the barrier between a backward layer's output and the next layer's reads removed",
-        context="  __syncthreads();\n}\n"),
+    Bug("net-no-barrier-after-forward-slice", "cuda/dynamic_net.cuh",
+        "__syncthreads();  // the next slice overwrites sW and sX", "", "stmt", WRONG,
+        "the barrier before the next weight slice overwrites the staged one removed"),
+    Bug("net-no-barrier-after-backward-slice", "cuda/dynamic_net.cuh",
+        "__syncthreads();  // the next slice overwrites sW\n", "", "stmt", WRONG,
+        "the backward's barrier before the next weight slice overwrites the staged one removed"),
+    Bug("net-no-barrier-before-backward-fma", "cuda/dynamic_net.cuh", "__syncthreads();", "", "stmt", WRONG,
+        "the backward's barrier between staging a weight slice and reading it removed",
+        context="sW[kk * kMaxWidth + 4 * q + j] = v[j];\n      }\n      __syncthreads();"),
     Bug("net-row-bound-off-by-one", "cuda/dynamic_net.cuh", "r < rows", "r <= rows", "expr", ASAN,
         "the forward layer writes one batch row past its block's rows",
         context="if (i < per_thread && r < rows) {\n        acc_t v = acc[i] + bias;"),
-    Bug("net-smem-too-small", "cuda/dynamic_net.cuh", "2 * kRows * width + kSlice * (width | 1) + kRows * kSlice",
-        "2 * kRows * width + kSlice * (width | 1)", "expr", ASAN,
-        "the network kernels' dynamic shared memory sized without the x slice"),
+    Bug("net-backward-slice-bound-off-by-one", "cuda/dynamic_net.cuh", "k0 + kk < K", "k0 + kk <= K", "expr", ASAN,
+        "the backward stages one weight row past the matrix"),
+    Bug("net-smem-too-small", "cuda/dynamic_net.cuh", "kSlice * (width | 1) + kRows * kSlice",
+        "kSlice * (width | 1)", "expr", ASAN, "the forward network kernel's dynamic shared memory sized without the x slice"),
     Bug("net-no-smem-opt-in", "cuda/dynamic_net.cuh", "allow_dynamic_smem<net_forward_kernel<scalar_t>>(smem);", "",
         "stmt", r"must opt in", "the forward network kernel launched above 48 KiB without opting in"),
 ]

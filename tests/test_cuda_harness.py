@@ -176,13 +176,16 @@ def test_ops_take_cpu_tensors_only(H):
 
 # ---- the probe --------------------------------------------------------------------------------
 # A few op calls that reach every kernel and launcher path: tile edges in every dimension, more
-# than one reduction slice, the ReLU mask with exact zeros in y, grad_bias on its own kernel and
-# inside grad_weight, the network's one-launch path with the shared-memory opt-in and the
-# 256-column layout, a last block of fewer than 8 rows, and the per-layer fallback. Each planted
-# bug (cuda_harness.PLANTED_BUGS) must fail it; `python tests/cuda_harness.py planted` checks.
-# float32 only: the planted-bug builds compile nothing else.
+# than one reduction slice, rows that do and do not allow vector loads, the ReLU mask with exact
+# zeros in y, grad_bias alone and with the GEMMs, on each forced path (the custom kernels with
+# split and wide tiles, the vendor path's host code, its grad_bias split into row chunks); the
+# network's one-launch path with the shared-memory opt-in and the 256-column layout, a last block
+# of fewer than 8 rows, and the chain of layer ops. Each planted bug (cuda_harness.PLANTED_BUGS)
+# must fail it; `python tests/cuda_harness.py planted` checks. float32 only: the planted-bug
+# builds compile nothing else.
 
 PROBE_LINEAR = [((130,), 97, 100), ((2, 33), 40, 65)]
+PROBE_VENDOR_CHUNKS = ((600,), 9, 20)  # grad_bias over 3 row chunks (vendor.cuh's column_sum_chunks)
 PROBE_NET = [((37,), 45, 251, 7, 2), ((9,), 13, 5, 3, 3), ((11,), 6, 257, 3, 1)]
 
 
@@ -231,17 +234,28 @@ def probe_net(ops, lead, D_in, H, D_out, depth, dtype=torch.float32):
     return out
 
 
+@pytest.fixture(params=cuda_harness.PATHS)
+def probe_path(request, H):
+    with cuda_harness.Target("harness", request.param).forced():
+        yield request.param
+
+
 @pytest.mark.parametrize("shape", PROBE_LINEAR, ids=str)
-def test_probe_linear_relu(H, shape):
+def test_probe_linear_relu(H, probe_path, shape):
     probe_linear(H, *shape, torch.float32)
 
 
+def test_probe_vendor_grad_bias_chunks(H):
+    with cuda_harness.Target("harness", "vendor").forced():
+        probe_linear(H, *PROBE_VENDOR_CHUNKS, torch.float32)
+
+
 @pytest.mark.parametrize("case", PROBE_NET, ids=str)
-def test_probe_dynamic_net(H, case):
+def test_probe_dynamic_net(H, probe_path, case):
     probe_net(H, *case)
 
 
-def test_probe_reversed_schedule_gives_the_same_bits(H, forward_schedule):
+def test_probe_reversed_schedule_gives_the_same_bits(H, forward_schedule, probe_path):
     torch.manual_seed(1)
     a = probe_linear(H, (130,), 97, 100, torch.float32)
     n = probe_net(H, *PROBE_NET[0])
@@ -264,13 +278,18 @@ def kernels_in_source():
 
 def test_probe_launches_every_kernel(H):
     H.reset_kernel_stats()
-    for shape in PROBE_LINEAR:
-        probe_linear(H, *shape, torch.float32)
-    for case in PROBE_NET:
-        probe_net(H, *case)
-    launched = {re.sub(r"<.*", "", name).split("::")[-1] for name in H.kernel_stats()}
-    assert kernels_in_source() == {"gemm_kernel", "bias_grad_kernel", "net_forward_kernel", "net_backward_kernel",
-                                   "grad_weights_kernel"}
+    for path in cuda_harness.PATHS:
+        with cuda_harness.Target("harness", path).forced():
+            for shape in PROBE_LINEAR:
+                probe_linear(H, *shape, torch.float32)
+            for case in PROBE_NET:
+                probe_net(H, *case)
+    with cuda_harness.Target("harness", "vendor").forced():
+        probe_linear(H, *PROBE_VENDOR_CHUNKS, torch.float32)
+    stats = H.kernel_stats()
+    launched = {re.sub(r"<.*", "", name).split("::")[-1] for name in stats}
+    assert kernels_in_source() == {"gemm_group_kernel", "masked_grad_kernel", "sum_partials_kernel",
+                                   "net_forward_kernel", "net_backward_kernel"}
     assert launched == kernels_in_source()
-    roles = {re.search(r"Role::(\w+)", name).group(1) for name in H.kernel_stats() if "gemm_kernel" in name}
-    assert roles == {"Forward", "GradInput", "GradWeight"}
+    tiles = {re.search(r"(Wide|Split)Tile", name).group(1) for name in stats if "gemm_group_kernel" in name}
+    assert tiles == {"Wide", "Split"}

@@ -2,7 +2,9 @@
 reference (dynnet_ext.reference.dynamic_net differentiated by stock autograd).
 
 Devices: "cpu", "cuda" (skipped without a GPU) and "harness": the CUDA launchers and kernels
-compiled for the CPU (tests/cuda_harness.py), their per-layer fallback included."""
+compiled for the CPU (tests/cuda_harness.py), their per-layer chain included; the CUDA ones on
+each forced path (cuda_harness.PATHS: the one-launch kernels with split or wide weight-gradient
+tiles, or the chain of vendor layer ops)."""
 
 import pytest
 import torch
@@ -54,16 +56,30 @@ def expected(params, depth, grad_out):
 
 
 def devices(harness=True):
-    """cpu, cuda and (unless the test goes through autograd or torch.library) the CUDA harness."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))] + (
-        ["harness"] if harness else [])
+    """cpu, and cuda on each forced path (cuda_harness.PATHS), and (unless the test goes through
+    autograd or torch.library) the CUDA harness on each path: "cuda-split", "harness-vendor", ..."""
+    if not harness:
+        return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))]
+    return ["cpu", *cuda_harness.targets()]
 
 
 def on(device):
     """(the ops, the device of their tensors) for a device of devices()."""
-    if device == "harness":
+    if device.startswith("harness"):
         return cuda_harness.load(), "cpu"
-    return OPS, device
+    return OPS, device.split("-")[0]
+
+
+@pytest.fixture(autouse=True)
+def _forced_cuda_path(request):
+    """A CUDA device or target id "<target>-<path>" runs its test on that forced path."""
+    callspec = getattr(request.node, "callspec", None)
+    name = str(callspec.params.get("device", callspec.params.get("target", ""))) if callspec else ""
+    if "-" not in name:
+        yield
+        return
+    with cuda_harness.Target(name).forced():
+        yield
 
 
 @pytest.mark.parametrize("device", devices())

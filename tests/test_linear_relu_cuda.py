@@ -1,13 +1,16 @@
 """The CUDA kernels of torch.ops.dynnet.linear_relu / linear_relu_backward (csrc/cuda/linear_relu.cuh).
 
 What tests/test_linear_relu.py checks on every device, plus what is specific to the hand-written
-tiled GEMMs: shapes around the 64 x 64 x 32 tiles, grids with more than 65535 tiles, half
+tiled GEMMs: shapes around the 64 x 64 x 32 and 16 x 16 x 32 tiles, grids with more than 65535 tiles, half
 types against a float32 reference on the same rounded inputs, bitwise determinism, output_mask
 subsets bitwise equal to the full call, CPU vs CUDA, and gradcheck in float64 on the GPU.
 
 Each case runs on two targets (the `target` fixture): "cuda", the GPU (skipped without one),
 and "harness", the same launchers and kernels compiled for the CPU (tests/cuda_harness.py),
-which runs everywhere. A few cases are GPU-only; each says why.
+which runs everywhere; and on each forced path (cuda_harness.PATHS): the custom kernels with
+16 x 16 split-reduction tiles ("split") and with 64 x 64 tiles ("wide"), and the vendor path
+("vendor": cuBLAS on the GPU; in the harness the same host code with a float64 reference GEMM).
+A few cases are GPU-only; each says why.
 """
 
 import itertools
@@ -48,7 +51,7 @@ SHAPES = [
 
 @pytest.fixture(params=cuda_harness.targets())
 def target(request):
-    return cuda_harness.Target(request.param)
+    yield from cuda_harness.forced(request)
 
 
 def make(lead, k, n, dtype, bias=True, device="cuda"):

@@ -13,16 +13,23 @@
 //   DeviceScope scope(x, "op")                          x is on this build's device; the device guard
 //   new_output(sizes, options)                          output allocation (NaN-filled in the harness)
 //   grid_1d(blocks, what)                               a 1-d grid size, checked against the limit
-// A new GPU-only facility (another runtime call, a vendor GEMM) belongs here too, with a CPU
-// stand-in in harness/shim.h, so that the launcher calling it still runs in the harness.
+//   sm_count()                                          the device's multiprocessors (the harness: an H200's 132)
+//   vendor_gemm(VendorGemm)                             c = a @ b (+ bias, ReLU) by cuBLAS(Lt) through ATen;
+//                                                       the harness: a float64 reference that also
+//                                                       checks and records each call's BLAS layout
+// A new GPU-only facility (another runtime call) belongs here too, with a CPU stand-in, so that
+// the launcher calling it still runs in the harness.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
+#include <vector>
 
 #ifdef DYNNET_CUDA_HARNESS
 #include "harness/shim.h"
@@ -37,6 +44,77 @@ namespace dynnet {
 // Dynamic shared memory a kernel gets without opting in, and the most it may opt in to (sm_90).
 constexpr size_t kDefaultSmemBytes = 48 * 1024;
 constexpr size_t kMaxSmemBytes = 227 * 1024;
+
+// One GEMM handed to the vendor library: c (m x n, contiguous) = a (m x k) @ b (k x n), then the
+// epilogue. a and b are views whose layout cuBLAS takes as it is: one unit stride and a leading
+// dimension at least the other extent (blas_layout), so that ATen never copies an operand.
+enum class VendorEpilogue { None, Bias, BiasRelu };
+
+struct VendorGemm {
+  at::Tensor c, a, b, bias;  // bias: (n,), contiguous, for Bias and BiasRelu
+  VendorEpilogue epilogue = VendorEpilogue::None;
+};
+
+inline const char* epilogue_name(VendorEpilogue e) {
+  return e == VendorEpilogue::None ? "none" : e == VendorEpilogue::Bias ? "bias" : "bias_relu";
+}
+
+// How a 2-d view lies for BLAS, in row-major terms: not transposed (row-major, ld = stride(0))
+// or transposed (column-major, ld = stride(1)). A dimension of extent 1 takes any stride.
+struct BlasLayout {
+  bool ok = false, transposed = false;
+  int64_t ld = 0;
+};
+
+inline BlasLayout blas_layout(const at::Tensor& t) {
+  BlasLayout l;
+  if (t.dim() != 2) return l;
+  const int64_t r = t.size(0), c = t.size(1);
+  const bool unit_cols = t.stride(1) == 1 || c == 1, unit_rows = t.stride(0) == 1 || r == 1;
+  if (unit_cols && (t.stride(0) >= std::max<int64_t>(1, c) || r == 1)) {
+    l.ok = true, l.ld = std::max<int64_t>(r == 1 ? c : t.stride(0), 1);
+  } else if (unit_rows && (t.stride(1) >= std::max<int64_t>(1, r) || c == 1)) {
+    l.ok = true, l.transposed = true, l.ld = std::max<int64_t>(c == 1 ? r : t.stride(1), 1);
+  }
+  return l;
+}
+
+// What a VendorGemm asks of cuBLAS; the harness records one per call for the tests.
+struct VendorGemmRecord {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool trans_a, trans_b;
+  std::string epilogue, dtype;
+  bool lt_epilogue;  // cuBLASLt runs the epilogue (else ATen's plain GEMM and a separate pass)
+};
+
+// Whether ATen sends this GEMM through cuBLASLt with the epilogue fused (ATen's own conditions,
+// isInputCompliesAddmmCudaLt in aten/src/ATen/native/cuda/Blas.cpp, torch 2.4 to 2.14): a 1-d
+// contiguous bias, a contiguous 2-d result, every matrix dimension above 1. Otherwise ATen
+// copies the bias into c and runs a plain GEMM (and a separate ReLU): the same results, slower.
+inline bool lt_epilogue_applies(const VendorGemm& g) {
+  if (g.epilogue == VendorEpilogue::None) return false;
+  return g.bias.defined() && g.bias.dim() == 1 && g.bias.is_contiguous() && g.c.is_contiguous() &&
+         g.a.size(0) > 1 && g.a.size(1) > 1 && g.b.size(0) > 1 && g.b.size(1) > 1;
+}
+
+// Checks what every vendor GEMM must satisfy (an internal error otherwise: the host code built a
+// wrong descriptor) and describes it.
+inline VendorGemmRecord check_vendor_gemm(const VendorGemm& g) {
+  TORCH_CHECK(g.a.dim() == 2 && g.b.dim() == 2 && g.c.dim() == 2, "dynnet internal error: a vendor GEMM takes 2-d operands");
+  const int64_t m = g.c.size(0), n = g.c.size(1), k = g.a.size(1);
+  TORCH_CHECK(g.a.size(0) == m && g.b.size(0) == k && g.b.size(1) == n, "dynnet internal error: vendor GEMM shapes ",
+              g.a.sizes(), " @ ", g.b.sizes(), " -> ", g.c.sizes());
+  TORCH_CHECK(g.c.is_contiguous(), "dynnet internal error: a vendor GEMM writes a contiguous result");
+  const BlasLayout la = blas_layout(g.a), lb = blas_layout(g.b);
+  TORCH_CHECK(la.ok && lb.ok, "dynnet internal error: a vendor GEMM operand is not in a BLAS layout (strides ",
+              g.a.strides(), ", ", g.b.strides(), "): ATen would copy it");
+  const bool has_bias = g.epilogue != VendorEpilogue::None;
+  TORCH_CHECK(has_bias == g.bias.defined(), "dynnet internal error: a vendor GEMM's bias and epilogue disagree");
+  TORCH_CHECK(!has_bias || (g.bias.dim() == 1 && g.bias.size(0) == n), "dynnet internal error: vendor GEMM bias ",
+              g.bias.sizes(), " for ", n, " columns");
+  return {m, n, k, la.ld, lb.ld, std::max<int64_t>(n, 1), la.transposed, lb.transposed, epilogue_name(g.epilogue),
+          std::string(c10::toString(g.c.scalar_type())), lt_epilogue_applies(g)};
+}
 
 #ifndef DYNNET_CUDA_HARNESS
 
@@ -76,6 +154,20 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return at::empty(sizes, options);
 }
 
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// ATen's GEMMs are stock's: cuBLASLt with the bias (and ReLU) epilogue where ATen can use it,
+// tensor cores for half types, TF32 for float32 exactly when torch's setting allows it.
+inline void vendor_gemm(const VendorGemm& g) {
+  check_vendor_gemm(g);
+  at::Tensor c = g.c;
+  switch (g.epilogue) {
+    case VendorEpilogue::None: at::mm_out(c, g.a, g.b); break;
+    case VendorEpilogue::Bias: at::addmm_out(c, g.bias, g.a, g.b); break;
+    case VendorEpilogue::BiasRelu: at::_addmm_activation_out(c, g.bias, g.a, g.b, 1, 1, /*use_gelu=*/false); break;
+  }
+}
+
 #else  // DYNNET_CUDA_HARNESS: the same names, on the shim
 
 using harness::dynamic_smem;
@@ -94,6 +186,25 @@ class DeviceScope {
 // then shows in every comparison.
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options).fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+inline int sm_count() { return 132; }  // the H200's, so that grids are sized as on the device
+
+// Every vendor GEMM the harness ran since the last clear (tests read it: harness module's vendor_log).
+inline std::vector<VendorGemmRecord>& vendor_log() {
+  static std::vector<VendorGemmRecord> log;
+  return log;
+}
+
+// The reference for cuBLAS: the product in float64 of exactly the views cuBLAS would read, the
+// epilogue (ReLU as torch.relu: NaN stays NaN), one rounding to c's dtype.
+inline void vendor_gemm(const VendorGemm& g) {
+  if (vendor_log().size() >= 65536) vendor_log().clear();  // a test reads the last few; never grow without bound
+  vendor_log().push_back(check_vendor_gemm(g));
+  at::Tensor v = at::matmul(g.a.to(at::kDouble), g.b.to(at::kDouble));
+  if (g.epilogue != VendorEpilogue::None) v.add_(g.bias.to(at::kDouble));
+  if (g.epilogue == VendorEpilogue::BiasRelu) v = at::where(v < 0, at::zeros_like(v), v);
+  g.c.copy_(v);
 }
 
 #endif

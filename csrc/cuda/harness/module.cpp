@@ -9,6 +9,7 @@
 
 #include "../../common.h"
 #include "../ops.h"
+#include "../paths_python.h"
 #include "../runtime.cuh"
 
 #ifndef DYNNET_HARNESS_FLAVOR
@@ -250,6 +251,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return calls;
   });
   m.def("set_planted_bug", [](int id) { h::planted_bug = id; });
+  // The dispatch rule's state of the harness's own copy of the launchers.
+  dynnet::paths::bind(m);
+  m.def("vendor_log", [] {
+    pybind11::list out;
+    for (const auto& r : dynnet::vendor_log()) {
+      pybind11::dict d;
+      d["m"] = r.m, d["n"] = r.n, d["k"] = r.k, d["lda"] = r.lda, d["ldb"] = r.ldb, d["ldc"] = r.ldc;
+      d["trans_a"] = r.trans_a, d["trans_b"] = r.trans_b, d["epilogue"] = r.epilogue, d["dtype"] = r.dtype;
+      d["lt_epilogue"] = r.lt_epilogue;
+      out.append(d);
+    }
+    return out;
+  }, "the vendor GEMMs run since the last clear_vendor_log(): what each asked of cuBLAS");
+  m.def("clear_vendor_log", [] { dynnet::vendor_log().clear(); });
   m.def("build_info", [] {
     pybind11::dict info;
     info["flavor"] = std::string(DYNNET_HARNESS_FLAVOR);
