@@ -8,7 +8,8 @@
 # install, no network); 3. `python -m dynnet_ext info`; 4. the whole test suite (JUnit XML);
 # 5. the crossover sweep of the CUDA paths (scripts/cuda_sweep.py: each path forced, float32 /
 # tf32 / bfloat16 / float16, layer and network, seed shapes to 4096^3) writing thresholds.json;
-# 6. the GPU benchmarks; 7. a summary (in steps.log). Every step's exit code is recorded; a failed
+# 6. the GPU benchmarks; 7. compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over
+# scripts/cuda_sanitize_probe.py, where the runtime supports it; 8. a summary (in steps.log). Every step's exit code is recorded; a failed
 # step does not stop the later ones, but the script exits non-zero if the build or the tests failed.
 # The whole run fits in GPU_CHECK_BUDGET seconds (default 530, one ~9-minute device call): each
 # step's timeout is cut to what is left.
@@ -27,7 +28,7 @@
 # Rehearsal without a GPU (never reinstalls; the sweep runs its --dry-run, the model's predictions
 # in place of timings, through the same fitting and writer):
 #   OUT=/tmp/gpucheck GPU_CHECK_SKIP_BUILD=1 GPU_CHECK_SKIP_TESTS=1 GPU_CHECK_SKIP_BENCH=1 bash scripts/gpu_check.sh
-# Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SWEEP_BUDGET (default 90 s),
+# Other knobs: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_SANITIZER=1, GPU_CHECK_SWEEP_BUDGET (default 90 s),
 # GPU_CHECK_BENCH_ARGS (the benchmark's arguments; the default below skips max-autotune, whose
 # tuning alone could eat the budget, and picks the shapes the CUDA targets name).
 set -u
@@ -149,10 +150,48 @@ else
   rm -rf "$bench_dir"
 fi
 
-# ---- 7. summary ----------------------------------------------------------------------------
-"$PY" - "$OUT" "${RC[build]}" "${RC[tests]}" "${RC[info]}" "${RC[sweep]}" "${RC[bench]}" 2>&1 <<'EOF' | tee -a "$STEPS"
+# ---- 7. compute-sanitizer ------------------------------------------------------------------
+# memcheck, racecheck, synccheck, initcheck over scripts/cuda_sanitize_probe.py (every kernel on
+# each forced path, checked against the reference), with what the budget has left. The device
+# docs: it works on Firecracker machines, not on gVisor ("Device not supported"): then logged and
+# skipped, not failed.
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+RC[sanitizer]=0
+if [[ "${GPU_CHECK_SKIP_SANITIZER:-0}" == 1 ]]; then
+  log "== compute-sanitizer skipped (GPU_CHECK_SKIP_SANITIZER=1)"
+elif [[ ! -x "$sanitizer" ]]; then
+  log "== compute-sanitizer skipped: not found"
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  log "== compute-sanitizer skipped: no CUDA GPU visible"
+else
+  san_log=$(mktemp "${TMPDIR:-/tmp}/dynnet-sanitizer.XXXXXX")  # outside $OUT: its tail goes to steps.log
+  for tool in memcheck racecheck synccheck initcheck; do
+    left=$((BUDGET - (SECONDS - START)))
+    if ((left < 30)); then
+      log "== compute-sanitizer $tool skipped: $left s of the budget left"
+      continue
+    fi
+    t=$(allow 90)
+    log "== compute-sanitizer --tool $tool (timeout $t s)"
+    timeout "$t" "$sanitizer" --tool "$tool" --error-exitcode 9 "$PY" scripts/cuda_sanitize_probe.py \
+      >"$san_log" 2>&1
+    rc=$?
+    tail -n 15 "$san_log" | tee -a "$STEPS"
+    if grep -q "Device not supported" "$san_log"; then
+      log "== compute-sanitizer: the device is not supported on this runtime (gVisor?): skipped"
+      break
+    fi
+    log "== compute-sanitizer $tool: exit $rc"
+    ((rc != 0)) && RC[sanitizer]=$rc
+  done
+  rm -f "$san_log"
+fi
+step_done sanitizer "${RC[sanitizer]}"
+
+# ---- 8. summary ----------------------------------------------------------------------------
+"$PY" - "$OUT" "${RC[build]}" "${RC[tests]}" "${RC[info]}" "${RC[sweep]}" "${RC[bench]}" "${RC[sanitizer]}" 2>&1 <<'EOF' | tee -a "$STEPS"
 import datetime, os, sys, xml.etree.ElementTree as ET
-out, rc_build, rc_tests, rc_info, rc_sweep, rc_bench = sys.argv[1:]
+out, rc_build, rc_tests, rc_info, rc_sweep, rc_bench, rc_sanitizer = sys.argv[1:]
 counts = "no JUnit XML (tests did not run or were killed)"
 try:
     root = ET.parse(f"{out}/tests.xml").getroot()
@@ -185,6 +224,7 @@ print(f"info:    {status(rc_info)}")
 print(f"tests:   {status(rc_tests)}: {counts}")
 print(f"sweep:   {status(rc_sweep)}")
 print(f"bench:   {status(rc_bench)}")
+print(f"sanitizer: {status(rc_sanitizer)} (memcheck, racecheck, synccheck, initcheck; skips are logged above)")
 EOF
 log "== done in $((SECONDS - START)) s; files in \$OUT: $(find "$OUT" -type f | wc -l) (the device tool returns at most 8)"
 

@@ -158,3 +158,13 @@ def test_sweep_refuses_to_time_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_sweep.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "no CUDA GPU visible" in proc.stderr
+
+
+def test_sanitizer_probe_rehearses_on_the_cpu():
+    """scripts/cuda_sanitize_probe.py (what gpu_check.sh runs under compute-sanitizer) makes the
+    same calls and reference checks on the CPU ops with --rehearse: its own logic works before a
+    GPU window depends on it."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_sanitize_probe.py"), "--rehearse"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every CPU result matches the reference" in proc.stdout
