@@ -219,9 +219,10 @@ Form choose_form(const Kernels* k, const Problem& p) {
   const int f = form_override().load(std::memory_order_relaxed);
   if (!dot_ok || f == kFormPacked) return Form::Packed;
   if (f == kFormDot) return Form::Dot;
-  // The shape rule (measured on the 2-core Zen 4, float32, 1 and 2 threads: benchmarks/results/
-  // cpu/README.md). Packing B pays off when many rows reuse it; the dot form's lane sums, one per
-  // element and K-block, when K is long; narrow N wastes most of a packed panel's lanes.
+  // The shape rule, from direct A/B runs of the two forms forced (the 2-core Zen 4, float32, the
+  // layer forward on 1 and 2 threads). Packing B pays off when many rows reuse it; the dot form's
+  // lane sums, one per element and K-block, when K is long; narrow N wastes most of a packed
+  // panel's lanes.
   const bool few_rows = p.M < k->mr;                               // 1 x 1000 x 100: dot 2.5x packed
   const bool narrow = p.N <= kDotMaxNarrowN;                       // 64 x 1000 x 10: 1.6x
   const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.4x;
