@@ -97,8 +97,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_cpu_gemm_isa", &dynnet::gemm::set_isa, pybind11::arg("name"),
              "switch the CPU GEMM engine (auto, avx512, avx2, aten); returns the previous one");
   module.def("set_cpu_gemm_form", &dynnet::gemm::set_form, pybind11::arg("name"),
-             "force the engine's dot or packed kernels where they apply, or auto (the shape rule); returns the "
-             "previous setting");
+             "force the engine's dot, packed or direct form on every problem it can run, or auto (the shape "
+             "rule); returns the previous setting");
+  module.def("cpu_gemm_form_for", &dynnet::gemm::form_for, pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
+             pybind11::arg("dtype") = "float32", pybind11::arg("b_rows") = true,
+             "the form that runs C (m, n) = A (m, k) @ B (k, n) now, B with contiguous rows (the backward's "
+             "operands) or columns (b_rows=False: the forward's W^T): dot, packed, direct, or aten");
   module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
              pybind11::arg("seconds") = 0.2,
              "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");

@@ -83,10 +83,11 @@ def cpu_gemm_isa(request):
     return request.param
 
 
-@pytest.fixture(params=["dot", "packed"] if CPU_GEMM_ISAS else [None])
+@pytest.fixture(params=["dot", "packed", "direct"] if CPU_GEMM_ISAS else [None])
 def cpu_gemm_form(request):
-    """Parametrises a test over the engine's float32 forward forms, forced (gemm.cpp's choose_form;
-    a problem the dot form cannot run stays packed)."""
+    """Parametrises a test over the engine's float32 forms, forced (gemm.cpp's choose_form: a
+    forced form runs every problem it can - dot the forward's, direct the backward's on AVX-512 -
+    and the others follow the shape rule; packed runs everything)."""
     if request.param is not None:
         _C.set_cpu_gemm_form(request.param)
     return request.param

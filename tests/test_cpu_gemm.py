@@ -3,8 +3,9 @@ the epilogue, thread-count independence, and the engine switch (DYNNET_EXT_CPU_G
 
 Tile sizes: avx512 6 rows x 64 columns (4 vectors of 16), avx2 6 x 16 (2 vectors of 8); float32
 K-blocks of 256. The float32 forward's dot form (no packing): tiles of 4 x 6 (avx512) or 3 x 4
-(avx2) elements of C, K-blocks of 1024. The sizes below straddle each of those edges; the tests
-that take `cpu_gemm_form` run with each form forced."""
+(avx2) elements of C, K-blocks of 1024. The direct form (avx512, float32 B with contiguous rows,
+the backward's): the packed form's tiles with B read where it lies. The sizes below straddle each
+of those edges; the tests that take `cpu_gemm_form` run with each form forced."""
 
 import os
 import subprocess
@@ -19,7 +20,7 @@ from dynnet_ext import reference
 OPS = torch.ops.dynnet
 pytestmark = pytest.mark.skipif(not CPU_GEMM_ISAS, reason="dynnet_ext._C not built")
 
-ROWS = [1, 5, 6, 7, 12, 13, 17]  # around the 6-row tile (the layer backward runs the engine from 12 rows)
+ROWS = [1, 5, 6, 7, 12, 13, 17]  # around the 6-row tile (the layer backward runs the engine from 2 rows, or 12)
 COLS = [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100]  # around 8/16-float vectors and 16/64-column panels
 DEPTHS = [0, 1, 255, 256, 257, 600, 1025]  # around the 256- and 1024-long K-blocks (0: y = act(bias))
 
@@ -164,9 +165,11 @@ def test_kernels_per_dtype(cpu_gemm_isa):
 
 @pytest.mark.parametrize("isa", ENGINES)
 def test_forms_are_forced(isa):
-    # The two forms sum each element's K products in different groupings, so forcing one or the
-    # other changes the forward's bits (both within float32's tolerance, checked above): this
-    # proves the switch reaches the kernels. The backward has no dot form: same bits either way.
+    # The dot form sums each element's K products in another grouping than the packed form, so
+    # forcing one or the other changes the forward's bits (both within float32's tolerance,
+    # checked above): this proves the switch reaches the kernels. The direct form runs the packed
+    # form's micro-kernel on B where it lies, the same FMAs in the same order: the backward's
+    # bits are the same whichever runs.
     set_cpu_gemm(isa)
     from dynnet_ext import _C
 
@@ -174,13 +177,67 @@ def test_forms_are_forced(isa):
     x, w, b = torch.randn(64, 1000, generator=g), torch.randn(100, 1000, generator=g) / 1000**0.5, torch.randn(100)
     gy = torch.randn(64, 100, generator=g)
     out = {}
-    for form in ("dot", "packed"):
+    for form in ("dot", "packed", "direct"):
         _C.set_cpu_gemm_form(form)
         y = OPS.linear_relu(x, w, b, "relu")
         out[form] = (y, OPS.linear_relu_backward(gy, x, w, out["dot"][0] if out else y, "relu", [True, True, True]))
     assert not torch.equal(out["dot"][0], out["packed"][0])
     torch.testing.assert_close(out["dot"][0], out["packed"][0], **tol(torch.float32))
-    assert all(torch.equal(a, b) for a, b in zip(out["dot"][1], out["packed"][1]))
+    for form in ("packed", "direct"):
+        assert all(torch.equal(a, b) for a, b in zip(out["dot"][1], out[form][1]))
+
+
+@pytest.mark.parametrize("isa", CPU_GEMM_ISAS)
+def test_form_rule(isa):
+    # Which form runs a GEMM (gemm.cpp's choose_form), as the ops ask: forward B = W^T
+    # (b_rows=False), backward B = W or x (b_rows=True). The direct form is AVX-512's.
+    from dynnet_ext import _C
+
+    set_cpu_gemm(isa)
+    form_for = _C.cpu_gemm_form_for
+    direct = "direct" if isa == "avx512" else "packed"
+    if isa == "aten":
+        assert {form_for(64, 1000, 100), form_for(64, 100, 1000, "float32", False)} == {"aten"}
+        return
+    _C.set_cpu_gemm_form("auto")
+    assert form_for(64, 1000, 100) == direct  # the seed's grad_x = g @ W
+    assert form_for(100, 1000, 64) == direct  # its grad_W = g.T @ x
+    assert form_for(1024, 1000, 100) == direct  # short K: one K-block at any M
+    assert form_for(1024, 1024, 1024) == "packed"  # many rows reuse a long B
+    assert form_for(64, 100, 1000, "float32", False) == "dot"  # the seed's input layer forward
+    assert form_for(64, 100, 100, "float32", False) == "packed"  # its hidden layer forward
+    assert form_for(64, 1000, 100, "bfloat16") == form_for(64, 1000, 100, "float16") == "packed"
+    assert form_for(64, 1000, 100, "float64") == "aten"
+    _C.set_cpu_gemm_form("packed")
+    assert {form_for(64, 1000, 100), form_for(64, 100, 1000, "float32", False)} == {"packed"}
+    _C.set_cpu_gemm_form("direct")  # every B with contiguous rows; the forward by the rule
+    assert form_for(1024, 1024, 1024) == direct and form_for(64, 100, 1000, "float32", False) == "dot"
+    _C.set_cpu_gemm_form("dot")  # every forward; the backward by the rule
+    assert form_for(64, 100, 100, "float32", False) == "dot" and form_for(64, 1000, 100) == direct
+    with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16, float16 or float64"):
+        form_for(1, 1, 1, "int8")
+
+
+@pytest.mark.parametrize("shape", [(300, 70, 33), (13, 600, 65), (700, 40, 530)])
+def test_direct_form_matches_packed(shape):
+    # The backward's GEMMs with B read where it lies against B packed: bit for bit, across
+    # K-blocks (300 batch rows: grad_W's K; 530 units: grad_x's K) and partial last vectors.
+    if "avx512" not in CPU_GEMM_ISAS:
+        pytest.skip("the direct form is AVX-512's; this CPU has no AVX-512")
+    from dynnet_ext import _C
+
+    set_cpu_gemm("avx512")
+    m, k, n = shape
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    y = OPS.linear_relu(x, w, b, "relu")
+    gy = torch.randn_like(y)
+    grads = {}
+    for form in ("packed", "direct"):
+        _C.set_cpu_gemm_form(form)
+        assert _C.cpu_gemm_form_for(m, k, n) == form and _C.cpu_gemm_form_for(n, k, m) == form
+        grads[form] = OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+    # (The packed form is checked against the float64 reference at these edges above.)
+    assert all(torch.equal(a, b) for a, b in zip(grads["packed"], grads["direct"]))
 
 
 def test_form_switch_and_errors():
@@ -188,10 +245,10 @@ def test_form_switch_and_errors():
 
     assert _C.set_cpu_gemm_form("dot") == "auto"
     assert _C.set_cpu_gemm_form("auto") == "dot"
-    with pytest.raises(RuntimeError, match="must be auto, dot or packed, got 'fast'"):
+    with pytest.raises(RuntimeError, match="must be auto, dot, packed or direct, got 'fast'"):
         _C.set_cpu_gemm_form("fast")
     done = run_python("import dynnet_ext", DYNNET_EXT_CPU_GEMM_FORM="fast")
-    assert done.returncode != 0 and "DYNNET_EXT_CPU_GEMM_FORM must be auto, dot or packed, got 'fast'" in done.stderr
+    assert done.returncode != 0 and "DYNNET_EXT_CPU_GEMM_FORM must be auto, dot, packed or direct, got 'fast'" in done.stderr
     done = run_python("from dynnet_ext import _C; print(_C.set_cpu_gemm_form('auto'))", DYNNET_EXT_CPU_GEMM_FORM="packed")
     assert done.returncode == 0 and done.stdout.strip() == "packed", done.stderr
 

@@ -7,9 +7,9 @@
 // MR x NR tile, applying the epilogue (bias, ReLU, ReLU's backward mask, rounding) in its store.
 //
 // Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
-// machines are, float32): MKL, which torch.mm and stock nn.Linear use, reaches 35-45% of the
-// ~470 GFLOP/s the cores sustain (it takes a generic path on AMD); oneDNN and OpenBLAS reach
-// more but are not reachable from an extension (libtorch exports no dnnl_* entry points, and a
+// machines are, float32): MKL, which torch.mm and stock nn.Linear use, runs the seed's input
+// layer at about half of the cores' FMA ceiling (~235 GFLOP/s on two cores; benchmarks/results)
+// and 1024^3 at about 80%; oneDNN and OpenBLAS reach more but are not reachable from an extension (libtorch exports no dnnl_* entry points, and a
 // second BLAS would bring a second thread pool). A micro-kernel of our own also gives what a
 // library call cannot: the bias/ReLU/mask epilogue in the store (no second pass over C), the
 // mask applied while packing the gradient, one packed weight shared by every layer that uses
@@ -18,8 +18,11 @@
 //
 // The float32 forward (A = x, B = W^T read as W's rows) has a second form, the dot form
 // (gemm_kernel.h's dot_rect): nothing packed, each element of C a vector of lane partial sums
-// along K. choose_form picks it by shape (few rows, narrow N, or long K with a small output);
-// DYNNET_EXT_CPU_GEMM_FORM=dot|packed forces one where it applies.
+// along K. choose_form picks it by shape (few rows, narrow N, or long K with a small output).
+// A float32 B whose rows are contiguous (the backward's W and x, the network's activations) is
+// read where it lies by the packed form's micro-kernel - the direct form, AVX-512 only - unless
+// many rows of C reuse a long B. DYNNET_EXT_CPU_GEMM_FORM=dot|packed|direct forces a form on
+// every problem it can run.
 //
 // Instruction sets (one translation unit each, compiled with its own target options; the
 // library itself needs only x86-64): avx512 (6 x 64 tile), avx2 (6 x 16), chosen at run time
@@ -107,16 +110,21 @@ std::atomic<int>& current_isa() {
 constexpr int64_t kDotMaxNarrowN = 16;
 constexpr int64_t kDotMinK = 256;
 constexpr int64_t kDotMaxOutput = int64_t(1) << 20;
+// The direct form's (choose_form): B read where it lies below this many rows of C, or for
+// K-blocks this short at any M.
+constexpr int64_t kDirectMinRows = 512;
+constexpr int64_t kDirectMaxK = 256;
 
-enum FormChoice : int { kFormAuto = 0, kFormDot = 1, kFormPacked = 2 };
-const char* kFormNames[] = {"auto", "dot", "packed"};
+enum FormChoice : int { kFormAuto = 0, kFormDot = 1, kFormPacked = 2, kFormDirect = 3 };
+const char* kFormNames[] = {"auto", "dot", "packed", "direct"};
+constexpr int kNumForms = 4;
 
 int initial_form() {
   const char* env = std::getenv("DYNNET_EXT_CPU_GEMM_FORM");
   if (env == nullptr || *env == '\0') return kFormAuto;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kNumForms; ++i)
     if (std::string(env) == kFormNames[i]) return i;
-  TORCH_CHECK(false, "dynnet: DYNNET_EXT_CPU_GEMM_FORM must be auto, dot or packed, got '", env, "'");
+  TORCH_CHECK(false, "dynnet: DYNNET_EXT_CPU_GEMM_FORM must be auto, dot, packed or direct, got '", env, "'");
 }
 
 std::atomic<int>& form_override() {
@@ -187,10 +195,26 @@ std::string isa() { return kIsaNames[current_isa().load()]; }
 
 std::string form() { return kFormNames[form_override().load()]; }
 
+std::string form_for(int64_t M, int64_t N, int64_t K, const std::string& dtype, bool b_rows) {
+  const std::string name = kernels_name(dtype);  // checks the name
+  const at::ScalarType t = dtype == "float32" ? at::kFloat : dtype == "bfloat16" ? at::kBFloat16 : at::kHalf;
+  const Kernels* k = name == "aten" ? nullptr : kernels_for(t);
+  if (k == nullptr) return "aten";
+  Problem p;
+  p.M = M, p.N = N, p.K = K, p.dtype = dtype_of(t);
+  p.a = {nullptr, K, 1};
+  p.b = b_rows ? View{nullptr, N, 1} : View{nullptr, 1, K};
+  switch (choose_form(k, p)) {
+    case Form::Dot: return "dot";
+    case Form::Direct: return "direct";
+    default: return "packed";
+  }
+}
+
 std::string set_form(const std::string& name) {
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kNumForms; ++i)
     if (name == kFormNames[i]) return kFormNames[form_override().exchange(i)];
-  TORCH_CHECK(false, "dynnet: the GEMM form must be auto, dot or packed, got '", name, "'");
+  TORCH_CHECK(false, "dynnet: the GEMM form must be auto, dot, packed or direct, got '", name, "'");
 }
 
 std::vector<std::string> available_isas() {
@@ -216,13 +240,23 @@ int64_t num_tasks(double flops) {
 Form choose_form(const Kernels* k, const Problem& p) {
   const bool dot_ok = k->dot && p.dtype == DType::F32 && p.a.cs == 1 && p.b.rs == 1 && !p.a_mask_y.p &&
                       !p.epi.mask_y.p;
+  const bool direct_ok = k->direct && p.dtype == DType::F32 && p.b.cs == 1;
+  // A forced form runs every problem it can; the rest follow the rule.
   const int f = form_override().load(std::memory_order_relaxed);
-  if (!dot_ok || f == kFormPacked) return Form::Packed;
-  if (f == kFormDot) return Form::Dot;
-  // The shape rule, from direct A/B runs of the two forms forced (the 2-core Zen 4, float32, the
-  // layer forward on 1 and 2 threads). Packing B pays off when many rows reuse it; the dot form's
-  // lane sums, one per element and K-block, when K is long; narrow N wastes most of a packed
-  // panel's lanes.
+  if (f == kFormPacked) return Form::Packed;
+  if (f == kFormDot && dot_ok) return Form::Dot;
+  if (f == kFormDirect && direct_ok) return Form::Direct;
+  // The shape rule, from direct A/B runs of the forms forced (the 2-core Zen 4, float32, 2
+  // threads). B with contiguous rows (the backward's W and x, the network's activations): read
+  // where it lies unless many rows of C reuse a long B - packing costs a pass over B, and a
+  // packed B one thread wrote is read by the other from its cache (layer backward, one GEMM:
+  // 64 x 1000 x 100 grad_x 2.2x, grad_w 1.8x, 1024 x 1000 x 100 grad_w 1.55x; both GEMMs side
+  // by side 1.03-1.09x; 1024^3 and 4096 x 1024 x 1024: packed 1.05x).
+  if (direct_ok && (p.M < kDirectMinRows || p.K <= kDirectMaxK)) return Form::Direct;
+  if (!dot_ok) return Form::Packed;
+  // The forward (B = W^T, columns contiguous). Packing B pays off when many rows reuse it; the
+  // dot form's lane sums, one per element and K-block, when K is long; narrow N wastes most of a
+  // packed panel's lanes.
   const bool few_rows = p.M < k->mr;                               // 1 x 1000 x 100: dot 2.5x packed
   const bool narrow = p.N <= kDotMaxNarrowN;                       // 64 x 1000 x 10: 1.6x
   const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.4x;
@@ -236,7 +270,7 @@ BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = *problems[i];
     forms.push_back(choose_form(k, p));
-    const size_t bytes = forms[i] == Form::Dot ? 0 : k->packed_b_bytes(p.dtype, p.K, p.N);
+    const size_t bytes = forms[i] == Form::Packed ? k->packed_b_bytes(p.dtype, p.K, p.N) : 0;
     offset[i + 1] = offset[i] + (bytes + 63) / 64 * 64;
   }
   char* base = buf.get(offset.back());
@@ -244,6 +278,10 @@ BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_
     const Problem& p = *problems[i];
     if (forms[i] == Form::Dot) {
       packed_.push_back({nullptr, p.K, p.N, k->dot_kc, k->dot_nr, Form::Dot});
+      continue;
+    }
+    if (forms[i] == Form::Direct) {
+      packed_.push_back({p.b.p, p.K, p.N, k->kc(p.dtype, p.K), k->nr, Form::Direct});
       continue;
     }
     packed_.push_back({base + offset[i], p.K, p.N, k->kc(p.dtype, p.K), k->nr, Form::Packed});

@@ -83,10 +83,15 @@ Rect split(const Kernels* k, const Problem& p, const PackedB& b, int64_t t, int6
 int64_t row_tile(const Kernels* k, const PackedB& b);
 // Which form runs a problem (gemm_api.h's Form).
 Form choose_form(const Kernels* k, const Problem& p);
-// Forces a form where it applies ("dot", "packed") or restores the rule ("auto"); returns the
-// previous setting. DYNNET_EXT_CPU_GEMM_FORM sets it at start.
+// Forces a form on every problem it can run ("dot", "packed", "direct"; the others follow the
+// rule) or restores the rule ("auto"); returns the previous setting. DYNNET_EXT_CPU_GEMM_FORM
+// sets it at start.
 std::string set_form(const std::string& name);
-std::string form();  // the setting: auto, dot or packed
+std::string form();  // the setting: auto, dot, packed or direct
+// The form that would run C (M, N) = A (M, K) @ B (K, N) now, A row-major, B with contiguous
+// rows (`b_rows`: the backward's operands) or columns (B = W^T, the forward's): "dot", "packed",
+// "direct", or "aten" when the engine does not run `dtype`.
+std::string form_for(int64_t M, int64_t N, int64_t K, const std::string& dtype, bool b_rows);
 
 // Computes rectangle `r` of problem `p` on the calling thread.
 void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r);

@@ -53,10 +53,14 @@ struct Problem {
 //           rows: block q holds rows [q kc, q kc + kcb) of every panel, panel after panel, kcb x
 //           width each. Built once and read by every task (and, in the network op, by every layer
 //           that shares it). The broadcast-A micro-kernel reads it.
+//   Direct: nothing packed; `data` is B where it lies (float32, rows contiguous: b.cs == 1), read
+//           by the same micro-kernel as Packed, row k of a panel at data + k * b.rs, the edge
+//           panel's last vector loaded with a mask instead of zero padding; same `nr`, `kc` and
+//           the same sums, bit for bit, as Packed.
 //   Dot:    nothing packed (data is null): A and B are both read where they lie, contiguous along
 //           k (the forward's x @ W^T), by the dot-product micro-kernel; `nr` is its tile's width
 //           in columns of C and `kc` its K-block.
-enum class Form : int { Packed, Dot };
+enum class Form : int { Packed, Dot, Direct };
 struct PackedB {
   const void* data = nullptr;
   int64_t K = 0, N = 0, kc = 0, nr = 0;
@@ -84,6 +88,10 @@ struct Kernels {
   // FLOPs of `iters` rounds of 2 x MR x NVMAX independent register FMAs (no memory): the core's
   // FMA ceiling, to tell a kernel's speed from the hardware's.
   double (*fma_loop)(int64_t iters);
+  // Whether `compute` runs the Direct form (float32 B read where it lies) well enough to offer
+  // it: AVX-512's 64-float panel rows are four whole cache lines; AVX2's 16-float ones are one,
+  // and strided reads of them lose to packing (gemm.cpp's choose_form).
+  bool direct;
 };
 
 // Defined by the ISA units; each returns nullptr when built without support for its ISA.

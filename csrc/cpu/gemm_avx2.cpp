@@ -26,6 +26,7 @@ struct Avx2 {
   static constexpr int W = 8, MR = 6, NVMAX = 2, NR = NVMAX * W;
   static constexpr int64_t MC = 16 * MR;  // rows of A packed together (masked or converted A)
   static constexpr int64_t KC = 256, L2_FLOATS = 1 << 18;
+  static constexpr bool DIRECT = false;  // B always packed: see Kernels::direct
   using V = __m256;
   using Word = float;  // one k per packed element
   static constexpr int KPACK = 1;

@@ -16,6 +16,7 @@ struct Avx512 {
   static constexpr int W = 16, MR = DYNNET_AVX512_MR, NVMAX = DYNNET_AVX512_NV, NR = NVMAX * W;
   static constexpr int64_t MC = 16 * MR;  // rows of A packed together (masked or converted A)
   static constexpr int64_t KC = DYNNET_AVX512_KC, L2_FLOATS = 1 << 18;  // 1 MiB of L2 per core
+  static constexpr bool DIRECT = true;  // float32 B may be read where it lies (gemm_api.h's Form)
   using V = __m512;
   using Word = float;  // one k per packed element
   static constexpr int KPACK = 1;

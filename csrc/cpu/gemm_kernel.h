@@ -238,7 +238,9 @@ struct TileArgs {
   int64_t kcb;
   const void* a;  // A(i, k) at a[i * rs_a + k * cs_a] (in words: k pairs for KPACK 2)
   int64_t rs_a, cs_a;
-  const void* b;  // packed panel, row k at b[k * NV * W]
+  const void* b;  // B's panel (packed or where it lies), row k at b[k * ldb]
+  int64_t ldb;
+  int btail;       // valid lanes of the panel's last B vector: W when packed (zero-padded)
   void* c;         // C(i, j) at c[i * ldc + j], already offset to the tile
   int64_t ldc;
   int nlast;                 // valid lanes of the last vector (1..W)
@@ -258,21 +260,33 @@ void micro_kernel(const TileArgs& t) {
     for (int v = 0; v < NV; ++v) acc[i][v] = I::zero();
 
   using Word = typename I::Word;
-  const Word* __restrict__ b = static_cast<const Word*>(t.b);
-  const Word* a = static_cast<const Word*>(t.a);
-  const int64_t rs = t.rs_a, cs = t.cs_a, steps = (t.kcb + I::KPACK - 1) / I::KPACK;
-  for (int64_t k = 0; k < steps; ++k) {
-    V bv[NV];
+  const int64_t rs = t.rs_a, cs = t.cs_a, ldb = t.ldb, steps = (t.kcb + I::KPACK - 1) / I::KPACK;
+  // tail: B read where it lies at the right edge of C, its last vector loaded with a mask.
+  const auto products = [&](auto tail) __attribute__((always_inline)) {  // acc stays in registers
+    const Word* __restrict__ b = static_cast<const Word*>(t.b);
+    const Word* a = static_cast<const Word*>(t.a);
+    for (int64_t k = 0; k < steps; ++k) {
+      V bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = I::loadw(b + v * I::W);
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (decltype(tail)::value) bv[v] = v == NV - 1 ? I::load(b + v * I::W, t.btail) : I::loadw(b + v * I::W);
+        else bv[v] = I::loadw(b + v * I::W);
+      }
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const V av = I::bcast(a + i * rs);
+      for (int i = 0; i < R; ++i) {
+        const V av = I::bcast(a + i * rs);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = I::dot(av, bv[v], acc[i][v]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = I::dot(av, bv[v], acc[i][v]);
+      }
+      b += ldb;
+      a += cs;
     }
-    b += NV * I::W;
-    a += cs;
+  };
+  if constexpr (std::is_same_v<Word, float>) {
+    if (t.btail < I::W) products(std::true_type{});
+    else products(std::false_type{});
+  } else {
+    products(std::false_type{});
   }
 
   // The store: partial sums of earlier K-blocks (float32 only), then bias, ReLU, mask, rounding.
@@ -322,6 +336,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   using Word = typename I::Word;
   const int64_t K = p.K, N = p.N, kc = pb.kc, Np = padded_n<I>(N);
   const Word* bdata = static_cast<const Word*>(pb.data);
+  const bool direct = pb.form == Form::Direct;  // float32 B where it lies, rows p.b.rs apart
   // A is read where it lies when it is float32, unmasked and has a unit stride along k or
   // along i; otherwise it is packed (converted, masked) MC rows at a time, each MR x kc sliver
   // reused for every panel of the chunk.
@@ -338,7 +353,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
     const int64_t c1 = std::min(p1, c0 + chunk);
     for (int64_t q = 0; q < nblocks; ++q) {
       const int64_t k0 = q * kc, kcb = std::min(kc, K - k0), kcw = (kcb + I::KPACK - 1) / I::KPACK;
-      const Word* block = bdata + k0 / I::KPACK * Np;
+      const Word* block = direct ? bdata + k0 * p.b.rs : bdata + k0 / I::KPACK * Np;
       for (int64_t ib = r0; ib < r1; ib += I::MC) {
         const int64_t ie = std::min(r1, ib + I::MC);
         std::pair<int64_t, int64_t> a_strides{p.a.rs, p.a.cs};
@@ -360,9 +375,11 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
             const int64_t j0 = jp * I::NR;
             const int64_t w = std::min<int64_t>(I::NR, N - j0);
             const int NV = static_cast<int>((w + I::W - 1) / I::W);
-            t.b = block + kcw * j0;
             t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
             t.nlast = static_cast<int>(w - (NV - 1) * I::W);
+            t.b = direct ? block + j0 : block + kcw * j0;
+            t.ldb = direct ? p.b.rs : NV * I::W;
+            t.btail = direct ? t.nlast : I::W;
             t.bias = bias ? bias + j0 : nullptr;
             t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
             table.fn[R - 1][NV - 1](t);
@@ -554,6 +571,6 @@ template <class I>
 const Kernels* make_kernels(const char* name) {
   static const Kernels k{name,          I::MR,          I::NR,         &kc_for<I>, &packed_b_bytes<I>,
                          &scratch_floats<I>, &pack_b_any<I>, &compute_any<I>, I::DR,     I::DC,
-                         I::DKC,        &dot_rect<I>,   &fma_loop<I>};
+                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT};
   return &k;
 }

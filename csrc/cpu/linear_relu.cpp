@@ -128,9 +128,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const bool relu = act == Activation::Relu;
   // Fewer rows than two micro-tiles: packing the weight for grad_x costs about as much as the
   // product itself, so those take ATen's path (measured, 2 threads, x 1000 -> 100: ATen ahead
-  // by 1.5x at 1 row and 1.3x at 6; the engine ahead by 1.15x at 12).
+  // by 1.5x at 1 row and 1.3x at 6; the engine ahead by 1.15x at 12) - unless the engine reads
+  // float32 B where it lies (the direct form, gemm.cpp): then it is ahead from 2 rows (grad_x
+  // 2-2.6x, grad_weight alone 6-7x: ATen splits that small GEMM across threads badly; both
+  // 1.05-1.5x) and ATen only at 1 row (1.1x).
   const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type());
-  if (kern && M >= 2 * kern->mr && (need_gx || need_gw)) {
+  const bool direct = kern && kern->direct && x.scalar_type() == at::kFloat;
+  if (kern && (M >= 2 * kern->mr || (direct && M >= 2)) && (need_gx || need_gw)) {
     // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
     // gradient is the one pass left.
     const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
