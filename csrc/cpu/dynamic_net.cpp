@@ -57,6 +57,16 @@ std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t tasks) { return 
 
 at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.narrow(0, begin, end - begin); }
 
+// The engine's operands from row r0 of a 2-d tensor on, without making a tensor for them (a
+// narrow() is a dispatcher call and a view's bookkeeping, ~1 us; the network op takes ~20).
+// (row_ptr is for outputs this op allocated.)
+gemm::View rows_view(const at::Tensor& t, int64_t r0) {
+  return {static_cast<const char*>(t.const_data_ptr()) + r0 * t.stride(0) * static_cast<int64_t>(t.element_size()),
+          t.stride(0), t.stride(1)};
+}
+void* row_ptr(const at::Tensor& t, int64_t r0) { return const_cast<void*>(rows_view(t, r0).p); }
+gemm::View transposed(gemm::View v) { return {v.p, v.cs, v.rs}; }
+
 
 // ----------------------------------------------------------------------------------------------
 // With the GEMM engine (gemm.h: float32 and the half types on AVX2/AVX-512 CPUs). Each weight is
@@ -65,11 +75,12 @@ at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.n
 // give every thread two row tiles (each thread carries its rows through every layer: no
 // synchronisation between layers), else layer by layer, each layer split across the threads.
 
-// act(a @ w.T + bias) into c (all 2-d; bias undefined for none).
-gemm::Problem linear_problem(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, const at::Tensor& bias,
+// act(a @ w.T + bias) into c: M rows, w (N, K); a and c views of row-major matrices (bias
+// undefined for none).
+gemm::Problem linear_problem(int64_t M, gemm::View a, const at::Tensor& w, gemm::View c, const at::Tensor& bias,
                              bool relu) {
-  gemm::Problem p = gemm::product(a.size(0), c.size(1), a.size(1), a.scalar_type(), gemm::view_of(a),
-                                  gemm::view_of_t(w), c.data_ptr(), c.stride(0));
+  gemm::Problem p = gemm::product(M, w.size(0), w.size(1), w.scalar_type(), a, gemm::view_of_t(w),
+                                  const_cast<void*>(c.p), c.rs);
   p.epi.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   p.epi.relu = relu;
   return p;
@@ -105,10 +116,10 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
   const at::Tensor bh = depth > 0 ? b_h->contiguous() : at::Tensor();
   std::vector<gemm::Problem> layers;
   layers.reserve(depth + 2);
-  layers.push_back(linear_problem(x2, w_in, rows_of(acts, 0, M), bi, true));
+  layers.push_back(linear_problem(M, gemm::view_of(x2), w_in, rows_view(acts, 0), bi, true));
   for (int64_t l = 1; l <= depth; ++l)
-    layers.push_back(linear_problem(rows_of(acts, (l - 1) * M, l * M), *w_h, rows_of(acts, l * M, (l + 1) * M), bh, true));
-  layers.push_back(linear_problem(rows_of(acts, depth * M, (depth + 1) * M), w_out, out2, bo, false));
+    layers.push_back(linear_problem(M, rows_view(acts, (l - 1) * M), *w_h, rows_view(acts, l * M), bh, true));
+  layers.push_back(linear_problem(M, rows_view(acts, depth * M), w_out, gemm::view_of(out2), bo, false));
   std::vector<const gemm::Problem*> chain;
   for (const auto& p : layers) chain.push_back(&p);
 
@@ -145,28 +156,25 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   std::vector<gemm::Problem> chain;
   chain.reserve(depth + 2);
   if (need_g) {
-    chain.push_back(problem(M, H, D_out, gemm::view_of(go), gemm::view_of(w_out), rows_of(G, depth * M, (depth + 1) * M).data_ptr(), H));
-    chain.back().epi.mask_y = gemm::view_of(rows_of(acts, depth * M, (depth + 1) * M));
+    chain.push_back(problem(M, H, D_out, gemm::view_of(go), gemm::view_of(w_out), row_ptr(G, depth * M), H));
+    chain.back().epi.mask_y = rows_view(acts, depth * M);
     for (int64_t l = depth; l >= 1; --l) {
-      chain.push_back(problem(M, H, H, gemm::view_of(rows_of(G, l * M, (l + 1) * M)), gemm::view_of(*w_h),
-                              rows_of(G, (l - 1) * M, l * M).data_ptr(), H));
-      chain.back().epi.mask_y = gemm::view_of(rows_of(acts, (l - 1) * M, l * M));
+      chain.push_back(problem(M, H, H, rows_view(G, l * M), gemm::view_of(*w_h), row_ptr(G, (l - 1) * M), H));
+      chain.back().epi.mask_y = rows_view(acts, (l - 1) * M);
     }
     if (need[kX] && D_in > 0)
-      chain.push_back(problem(M, D_in, H, gemm::view_of(rows_of(G, 0, M)), gemm::view_of(w_in), gx2.data_ptr(), D_in));
+      chain.push_back(problem(M, D_in, H, rows_view(G, 0), gemm::view_of(w_in), gx2.data_ptr(), D_in));
   }
   // 2. Weight gradients: grad_w = G.T @ input of the layer; the hidden layer's d uses are one
   // GEMM whose reduction runs over all d * M rows (G and acts are stacked alike).
   std::vector<gemm::Problem> weights;
   weights.reserve(3);
   if (need[kWIn] && D_in > 0)
-    weights.push_back(problem(H, D_in, M, gemm::view_of_t(rows_of(G, 0, M)), gemm::view_of(x2), gw_in.data_ptr(), D_in));
+    weights.push_back(problem(H, D_in, M, transposed(rows_view(G, 0)), gemm::view_of(x2), gw_in.data_ptr(), D_in));
   if (hidden && need[kWH])
-    weights.push_back(problem(H, H, depth * M, gemm::view_of_t(rows_of(G, M, (depth + 1) * M)),
-                              gemm::view_of(rows_of(acts, 0, depth * M)), gw_h.data_ptr(), H));
+    weights.push_back(problem(H, H, depth * M, transposed(rows_view(G, M)), rows_view(acts, 0), gw_h.data_ptr(), H));
   if (need[kWOut])
-    weights.push_back(problem(D_out, H, M, gemm::view_of_t(go), gemm::view_of(rows_of(acts, depth * M, (depth + 1) * M)),
-                              gw_out.data_ptr(), H));
+    weights.push_back(problem(D_out, H, M, gemm::view_of_t(go), rows_view(acts, depth * M), gw_out.data_ptr(), H));
 
   // One packing region for every B: w_out, w_h (once for the whole chain), w_in, then the
   // weight gradients' inputs. chain[i] reads packed[chain_b[i]].
