@@ -9,8 +9,9 @@
 // Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
 // machines are, float32): MKL, which torch.mm and stock nn.Linear use, runs the seed's input
 // layer at about half of the cores' FMA ceiling (~235 GFLOP/s on two cores; benchmarks/results)
-// and 1024^3 at about 80%; oneDNN and OpenBLAS reach more but are not reachable from an extension (libtorch exports no dnnl_* entry points, and a
-// second BLAS would bring a second thread pool). A micro-kernel of our own also gives what a
+// and 1024^3 at about 80%; oneDNN and OpenBLAS reach more but are not reachable from an
+// extension (libtorch exports no dnnl_* entry points, and a second BLAS would bring a second
+// thread pool). A micro-kernel of our own also gives what a
 // library call cannot: the bias/ReLU/mask epilogue in the store (no second pass over C), the
 // mask applied while packing the gradient, one packed weight shared by every layer that uses
 // it, no per-call primitive creation and no per-call allocation (packing buffers are thread-
