@@ -261,10 +261,68 @@ def test_engine_switch_and_errors():
         _C.set_cpu_gemm_isa("sse")
 
 
-def run_python(code, **env):
+GUARDED_OPERANDS = """
+import ctypes, mmap, sys
+import torch
+from dynnet_ext import _C
+
+libc, PAGE, keep = ctypes.CDLL(None), mmap.PAGESIZE, []
+gen = torch.Generator().manual_seed(0)
+
+
+def guarded(*shape):
+    # A float32 tensor whose last byte is the last byte before a PROT_NONE page: a read past
+    # its end faults.
+    n = 4 * shape[0] * shape[1]
+    size = -(-n // PAGE) * PAGE
+    mm = mmap.mmap(-1, size + PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    assert libc.mprotect(ctypes.c_void_p(base + size), PAGE, 0) == 0
+    keep.append(mm)
+    t = torch.frombuffer(mm, dtype=torch.float32, count=n // 4, offset=size - n).view(shape)
+    return t.copy_(torch.randn(shape, generator=gen) / shape[1] ** 0.5)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+ATOL, RTOL = map(float, sys.argv[1:3])
+for isa in sys.argv[3:]:
+    _C.set_cpu_gemm_isa(isa)
+    for form in ("dot", "packed", "direct"):
+        _C.set_cpu_gemm_form(form)
+        for m, k, n in [(13, 37, 100), (3, 21, 5), (64, 1000, 100)]:
+            x, w, gy = guarded(m, k), guarded(n, k), guarded(m, n)
+            b = torch.randn(n, generator=gen)
+            y = torch.ops.dynnet.linear_relu(x, w, b, "relu")
+            gx, gw, gb = torch.ops.dynnet.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            yr = torch.relu(torch.nn.functional.linear(xr, wr, br))
+            yr.backward(gy)
+            for got, want in ((y, yr), (gx, xr.grad), (gw, wr.grad), (gb, br.grad)):
+                close(got, want)
+            w_h, w_out, go = guarded(n, n), guarded(10, n), guarded(m, 10)
+            out, acts = torch.ops.dynnet.dynamic_net(x, w, b, w_h, b, w_out, torch.zeros(10), 2)
+            torch.ops.dynnet.dynamic_net_backward(go, x, w, w_h, w_out, acts, 2, [True] * 7)
+print("ok")
+"""
+
+
+def test_no_read_past_an_operand():
+    # Every form reads some operand where it lies (the dot form A and B, the direct form B, the
+    # packed form A), with masked loads at the row ends: each operand ends at a page the process
+    # may not read, so one unmasked vector past a row's end would crash the run.
+    engines = [i for i in CPU_GEMM_ISAS if i != "aten"]
+    done = run_python(GUARDED_OPERANDS, *map(str, tol(torch.float32).values()), *engines)
+    assert done.returncode >= 0, f"the run died of signal {-done.returncode}: a kernel read past an operand's end"
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def run_python(code, *args, **env):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=root)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=environ, cwd=root)
 
 
 @pytest.mark.parametrize("isa", CPU_GEMM_ISAS)
