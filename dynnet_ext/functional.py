@@ -36,15 +36,23 @@ def _eligible(x):
     return not FORCE_STOCK and has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
 
 
+@torch.compiler.disable
+def _transformed(function, *args):
+    """function.apply(*args) under a torch.func transform or forward AD. Never traced: Dynamo's
+    fake tensors inside a traced transform reach the op's C++ autograd node, which refuses
+    functorch (torch 2.11 raises there); as a graph break, the transform runs eagerly."""
+    return function.apply(*args)
+
+
 def _linear(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
     x, weight, bias = _autocast(x, weight, bias)
     if _eligible(x):
+        if transforms_active():
+            return _transformed(LinearReLUJvpFunction, x, weight, bias, activation)
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
-        if transforms_active():
-            return LinearReLUJvpFunction.apply(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
     return reference.linear_act(x, weight, bias, activation)
 
@@ -75,9 +83,9 @@ def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
     x, w_in, b_in, w_h, b_h, w_out, b_out = _autocast(x, w_in, b_in, w_h, b_h, w_out, b_out)
     if _eligible(x):
         args = (x, w_in, b_in, w_h, b_h, w_out, b_out)
+        if transforms_active():
+            return _transformed(DynamicNetFunction, *args, depth)[0]
         if torch.compiler.is_compiling() or has_torch_function(args):
             return torch.ops.dynnet.dynamic_net(*args, depth)[0]
-        if transforms_active():
-            return DynamicNetFunction.apply(*args, depth)[0]
         return _C.dynamic_net(*args, depth)[0]
     return reference.dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)

@@ -145,12 +145,21 @@ def ran():
 def pytest_configure(config):
     config.addinivalue_line("markers", "fused: the test proves with `ran` that dynnet's kernels ran (CI runs these "
                                        "again with DYNNET_EXT_FORCE_STOCK=1 and requires each to fail that check)")
+    config.addinivalue_line("markers", "cuda: the test needs a GPU (it skips without one); scripts/gpu_tests.py "
+                                       "runs these on the lent GPU")
+
+
+def _needs_gpu(item):
+    # The rule every GPU test follows: it skips without a GPU, with a reason that names it.
+    return any("GPU" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "ran" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.fused)
+        if _needs_gpu(item):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.hookimpl(hookwrapper=True)

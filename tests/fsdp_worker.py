@@ -8,7 +8,7 @@ import torch
 
 import dynnet_ext
 from dynnet_ext import cli
-from torchrun import comm_counts, finish, full, kernel_calls_since
+from torchrun import count_collectives, finish, full, kernel_calls_since
 
 # tests/test_fsdp.py imports the constants below; torch.distributed.fsdp and DTensor are
 # imported only where the worker runs, so collecting the tests does not load them.
@@ -47,7 +47,6 @@ def mechanics(device):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor.debug import CommDebugMode
 
     where = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
     torch.manual_seed(0)
@@ -75,10 +74,10 @@ def mechanics(device):
     before = dynnet_ext.kernel_calls()[device]
     FSDPParamGroup.post_backward = spy
     try:
-        with CommDebugMode() as forward_comms:
+        with count_collectives() as forward_comms:
             y = model(x_local, 2)
         after_forward = resharded()
-        with CommDebugMode() as backward_comms:
+        with count_collectives() as backward_comms:
             (y.square().sum() * world).backward()
     finally:
         FSDPParamGroup.post_backward = original
@@ -88,7 +87,7 @@ def mechanics(device):
             "grads": {name: full(p.grad) for name, p in model.named_parameters()},
             "grad_placements": {name: str(p.grad.placements) for name, p in model.named_parameters()},
             "post_backward": post_backward,
-            "forward_comms": comm_counts(forward_comms), "backward_comms": comm_counts(backward_comms)}
+            "forward_comms": dict(forward_comms.counts), "backward_comms": dict(backward_comms.counts)}
 
 
 def main():

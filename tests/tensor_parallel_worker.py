@@ -11,7 +11,7 @@ from torch import nn
 
 import dynnet_ext
 from dynnet_ext.nn import FusedLinear, FusedLinearReLU
-from torchrun import comm_counts, finish, full, kernel_calls_since
+from torchrun import count_collectives, finish, full, kernel_calls_since
 
 N, D, HIDDEN = 6, 8, 12  # the Megatron MLP: D -> HIDDEN (column-parallel, ReLU) -> D (row-parallel)
 SHAPE = {"D_in": 10, "H": 6, "D_out": 4}  # DynamicNet
@@ -32,22 +32,21 @@ def run(module, x, *args):
     """Forward and backward of module(x, *args).square().sum(), counting collectives per direction
     and kernel calls; returns what one process must match (DTensors as whole tensors)."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.debug import CommDebugMode
 
     device_type = x.device.type
     before = dynnet_ext.kernel_calls()[device_type]
     module.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
-    with CommDebugMode() as forward_comms:
+    with count_collectives() as forward_comms:
         y = module(x, *args)
-    with CommDebugMode() as backward_comms:
+    with count_collectives() as backward_comms:
         y.square().sum().backward()
     calls = kernel_calls_since(before, device_type)
     return {"y": full(y), "x_grad": full(x.grad), "y_is_dtensor": isinstance(y, DTensor),
             "grads": {name: full(p.grad) for name, p in module.named_parameters()},
             "local_shapes": {name: tuple(p.to_local().shape) for name, p in module.named_parameters()},
             "placements": {name: str(p.placements) for name, p in module.named_parameters()},
-            "forward_comms": comm_counts(forward_comms), "backward_comms": comm_counts(backward_comms),
+            "forward_comms": dict(forward_comms.counts), "backward_comms": dict(backward_comms.counts),
             "calls": calls}
 
 

@@ -104,3 +104,65 @@ def test_extension_sources_leave_out_the_cuda_harness(setup_py, monkeypatch):
     assert not [s for s in cuda if "harness" in s]
     stems = [os.path.splitext(s)[0] for s in cuda]
     assert len(stems) == len(set(stems)), cuda
+
+
+def test_setup_refuses_a_torch_below_the_floor_and_warns_above_the_tested_top(setup_py):
+    floor = ".".join(map(str, setup_py.TORCH_FLOOR))
+    below = f"{setup_py.TORCH_FLOOR[0]}.{setup_py.TORCH_FLOOR[1] - 1}.0+cu130"
+    with pytest.raises(SystemExit, match=f"older than the oldest supported release, {floor}"):
+        setup_py.check_torch_version(below)
+    assert setup_py.check_torch_version(f"{floor}.0+cu130") is None
+    top = setup_py.TORCH_TESTED_TOP
+    assert setup_py.check_torch_version(f"{top[0]}.{top[1]}.1") is None
+    assert "newer than the newest tested" in setup_py.check_torch_version(f"{top[0]}.{top[1] + 1}.0.dev20270101")
+    # The running torch is inside the range CI proves.
+    assert setup_py.TORCH_FLOOR <= setup_py.torch_release(torch.__version__) <= top
+
+
+def test_pyproject_declares_the_floor_setup_enforces(setup_py):
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        text = f.read()
+    assert f'"torch>={".".join(map(str, setup_py.TORCH_FLOOR))}"' in text
+
+
+def test_setup_reads_the_toolkit_version_and_refuses_another_major(setup_py, tmp_path):
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda.h").write_text("#pragma once\n#define CUDA_VERSION 13020\n")
+    assert setup_py.toolkit_version(str(tmp_path)) == (13, 2)
+    assert setup_py.toolkit_version(str(tmp_path / "missing")) is None
+    assert setup_py.toolkit_mismatch("13.2", (13, 0)) is None  # a newer minor in torch: as torch allows
+    problem = setup_py.toolkit_mismatch("12.8", (13, 0))
+    assert "install a CUDA 12.x toolkit" in problem and "DYNNET_EXT_CUDA=0" in problem
+
+
+def test_setup_puts_the_toolkit_headers_before_the_wheels(setup_py, tmp_path):
+    home, wheel = tmp_path / "cuda", tmp_path / "site" / "nvidia" / "cu13" / "include"
+    wheel.mkdir(parents=True)
+    (home / "include").mkdir(parents=True)
+    wheels = setup_py.nvidia_wheel_includes([str(tmp_path / "site")])
+    assert wheels == [str(wheel)]
+    assert setup_py.cuda_include_dirs(str(home), wheels) == [str(home / "include"), str(wheel)]
+    # A toolkit that is itself a wheel folder is not listed twice.
+    assert setup_py.cuda_include_dirs(str(wheel.parent), wheels) == [str(wheel)]
+
+
+def test_the_cuda_include_path_preprocesses_with_this_toolkit(setup_py):
+    # What broke the CUDA build with torch 2.15 (CUDA 13.2 wheels) and a 13.0 toolkit: the wheels'
+    # cuda_runtime.h ahead of the toolkit's made CCCL refuse the compiler. Preprocessing torch's
+    # CUDA headers with the include path setup.py gives nvcc shows it without a full build.
+    home = setup_py.find_cuda_home()
+    if torch.version.cuda is None or home is None:
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit (nvcc)")
+    from torch.utils import cpp_extension
+
+    includes = setup_py.cuda_include_dirs(home, setup_py.nvidia_wheel_includes())
+    torch_includes = cpp_extension.include_paths(device_type="cuda")
+    includes += torch_includes
+    # The C++ standard torch builds extensions with: C++20 where its headers demand it (2.12 on).
+    with open(os.path.join(torch_includes[0], "ATen", "ATen.h")) as f:
+        std = "c++20" if "C++20 or later" in f.read() else "c++17"
+    src = os.path.join(ROOT, "csrc", "cuda", "linear_relu.cu")
+    cmd = [os.path.join(home, "bin", "nvcc"), "-E", "-x", "cu", f"-std={std}", "-o", os.devnull, src,
+           *(f"-I{p}" for p in includes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -54,9 +54,40 @@ def finish(result, out):
     os._exit(0)
 
 
-def comm_counts(mode):
-    """A CommDebugMode's collective counts by short name, e.g. {"all_reduce": 1}."""
-    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
+def count_collectives():
+    """A context manager counting the collectives run under it, by short name ({"all_reduce": 1}
+    in its `counts`): the functional collectives DTensor issues, after DTensor has turned its ops
+    into local ops and collectives, and the c10d collectives FSDP2 issues. What torch's
+    CommDebugMode counts, without its module tracker, which on torch 2.11 leaves a hook behind on
+    a module that runs twice (the reused hidden layer) and fails its next call."""
+    from collections import Counter
+
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    namespaces = {"_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "c10d"}
+    collectives = {  # functional collectives, then c10d's
+        "all_gather_into_tensor", "all_gather_into_tensor_coalesced", "all_reduce", "all_reduce_coalesced",
+        "all_to_all_single", "broadcast", "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced",
+        "_allgather_base_", "_reduce_scatter_base_", "allgather_", "allgather_coalesced_",
+        "allgather_into_tensor_coalesced_", "allreduce_", "allreduce_coalesced_", "alltoall_", "alltoall_base_",
+        "broadcast_", "gather_", "scatter_", "reduce_", "reduce_scatter_", "reduce_scatter_tensor_coalesced_"}
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                return NotImplemented  # DTensor runs first and comes back with local tensors
+            if isinstance(func, torch._ops.OpOverload):
+                namespace, name = func.name().split("::")
+                if namespace in namespaces and name in collectives:
+                    self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    return Mode()
 
 
 def full(t):

@@ -3,19 +3,19 @@
 // and bound into dynnet_ext._C (paths_python.h), so the selection is one function, testable on
 // any build.
 //
-// float32 is TF32 exactly where stock's cuBLAS(Lt) GEMMs use TF32. ATen decides that from
+// float32 is TF32 exactly where stock's cuBLAS(Lt) GEMMs use TF32: ATen decides that from
 // float32Precision(CUDA, MATMUL) (the fp32_precision API, which inherits the generic
 // torch.backends.fp32_precision and follows the legacy torch.backends.cuda.matmul.allow_tf32 /
-// torch.set_float32_matmul_precision), and not inside at::NoTF32Guard. allowTF32CuBLAS() is not
-// used: since torch 2.9 it throws when the legacy and the new settings disagree (a user who sets
-// only torch.backends.cuda.matmul.fp32_precision = "tf32" gets that state), while stock's GEMMs
-// run fine there.
+// torch.set_float32_matmul_precision), and not inside at::NoTF32Guard - the same call in every
+// supported torch (2.11 on). Neither allowTF32CuBLAS() nor float32MatmulPrecision() is used:
+// both throw when the legacy and the new settings disagree (a user who sets only
+// torch.backends.cuda.matmul.fp32_precision = "tf32" gets that state), while stock's GEMMs run
+// fine there.
 #pragma once
 
 #include <ATen/Context.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
-#include <torch/version.h>
 
 #include "paths.h"
 
@@ -23,19 +23,8 @@ namespace dynnet {
 
 inline bool cuda_matmul_uses_tf32() {
   if (at::NoTF32Guard::should_disable_tf32()) return false;
-  const at::Context& ctx = at::globalContext();
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
-  return ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) == at::Float32Precision::TF32;
-#else
-  // Older torch (its Context API for the new setting changed between releases): allowTF32CuBLAS,
-  // which throws (2.9 to 2.12) only where the legacy and the new settings disagree. ATen's GEMMs
-  // then follow the new one, the legacy one's opposite.
-  try {
-    return ctx.allowTF32CuBLAS();
-  } catch (const c10::Error&) {
-    return ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
-  }
-#endif
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
 }
 
 inline paths::Precision gemm_precision(at::ScalarType t) {
