@@ -17,6 +17,6 @@ if __name__ == "__main__":
     parser.add_argument("dir", type=Path, help="folder holding results.json (written by bench --out)")
     args = parser.parse_args()
     results = json.loads((args.dir / "results.json").read_text())
-    if results.get("schema") not in (1, bench.SCHEMA):  # schema 2 only added the GFLOP/s fields
+    if results.get("schema") not in range(1, bench.SCHEMA + 1):  # later schemas only added fields
         sys.exit(f"{args.dir / 'results.json'}: schema {results.get('schema')}, this code reads 1-{bench.SCHEMA}")
     bench.render(results, args.dir)

@@ -7,7 +7,8 @@ Subjects (each timed per shape, implementations interleaved rep by rep):
   layer   Linear + bias + ReLU: forward, backward, forward+backward
   net     DynamicNet forward+backward at each depth 0-3
   step    the seed's training step (forward, MSELoss(sum), zero_grad, backward, Adam(lr=1e-4)
-          step), depths cycled 0,1,2,3 over the iterations
+          step), depths cycled 0,1,2,3 over the iterations; with Adam as the seed builds it
+          (phase train-step) and as torch's fused kernel (phase train-step-adam-fused)
   memory  of a training step at depth 3: bytes autograd saves for backward (every device) and,
           on CUDA, the peak allocation above the pre-step baseline
   persample  per-sample gradients of the seed's loss, torch.func.vmap(torch.func.grad(loss)),
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import OPTIMIZERS, SEED_OPTIMIZER, choose_optimizer, make_optimizer
+
 SUBJECTS = ("layer", "net", "step", "memory", "persample")
 IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
          "addmm-activation")
@@ -48,6 +51,9 @@ LAYER_PHASES = ("forward", "backward", "forward+backward")
 DEPTHS = (0, 1, 2, 3)
 MEMORY_DEPTH = 3  # the deepest graph the seed draws: the peak over its steps
 STEP_DEPTHS = "0-3"  # `depth` of step rows: iterations cycle 0,1,2,3 (the seed draws them uniformly)
+# The step's phase per optimizer (dynnet_ext.cli.OPTIMIZERS); the seed's is the baseline of
+# every step row's ratio_vs_seed and is always run.
+STEP_PHASES = {"adam": "train-step", "adam-fused": "train-step-adam-fused"}
 D_OUT = 10  # the network's output width (the seed's); --shapes sets batch x D_in x H
 LR = 1e-4
 
@@ -60,7 +66,7 @@ FULL_SHAPES = (
 
 # (reps, warm-up seconds per implementation and case, target milliseconds per rep)
 SETTINGS = {"quick": (5, 0.05, 2.0), "full": (21, 0.3, 10.0)}
-SCHEMA = 2
+SCHEMA = 3
 # The calibration GEMM run at start: every float32 GEMM engine in reach multiplies these shapes
 # (M x K x N) on all threads, interleaved; the fastest rate is the machine's measured peak, the
 # yardstick of every row's GFLOP/s.
@@ -130,6 +136,10 @@ def add_arguments(parser, subjects=SUBJECTS):
                              "(fused: the default DynamicNet, whole-network ops; fused-layer: "
                              "DynamicNet(fusion='layer'), net/step/memory only; addmm-activation = "
                              "torch._addmm_activation, layer forward only)")
+    parser.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=None,
+                        help=f"step subject, comma-separated among {', '.join(OPTIMIZERS)}; {SEED_OPTIMIZER} (the "
+                             "seed's, the baseline) is always run. Default: both where the running torch has "
+                             "Adam's fused kernel for the device")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads, set for the run and reported (default: torch's current count)")
     parser.add_argument("--reps", type=_positive_int, default=None,
@@ -317,8 +327,9 @@ class LayerCase:
 
 
 class NetCase:
-    """DynamicNet(D_in, H, D_OUT) at one shape, one model (and Adam) per implementation,
-    identical weights. Serves the net, step and memory subjects."""
+    """DynamicNet(D_in, H, D_OUT) at one shape, one model per implementation, identical weights,
+    and an Adam per implementation and optimizer kind (made on first use; the optimizers of one
+    implementation share its model). Serves the net, step and memory subjects."""
 
     def __init__(self, shape, impls, device):
         from .models import DynamicNet
@@ -339,7 +350,6 @@ class NetCase:
             else:
                 model = _compiled(copy.deepcopy(base), impl)
             self.models[impl] = model
-            self.optimizers[impl] = torch.optim.Adam(model.parameters(), lr=LR)
         self.x = torch.randn(N, D_in, device=device)  # the seed's input: no grad
         self.label = torch.randn(N, D_OUT, device=device)
         self.grad_y = torch.randn(N, D_OUT, device=device)
@@ -352,20 +362,27 @@ class NetCase:
 
         return {impl: runner(model) for impl, model in self.models.items()}
 
-    def step(self, impl, depth):
-        """The seed's training step, in the seed's order."""
-        model, optimizer = self.models[impl], self.optimizers[impl]
+    def optimizer(self, impl, kind=SEED_OPTIMIZER):
+        key = (impl, kind)
+        if key not in self.optimizers:
+            self.optimizers[key] = make_optimizer(kind, self.models[impl].parameters(), LR)
+        return self.optimizers[key]
+
+    def step(self, impl, depth, optimizer=SEED_OPTIMIZER):
+        """The seed's training step, in the seed's order (as dynnet_ext.cli.train runs it)."""
+        model, opt = self.models[impl], self.optimizer(impl, optimizer)
         loss = self.loss_fn(model(self.x, depth), self.label)
-        optimizer.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
 
-    def step_runners(self):
-        def runner(impl):
+    def step_runners(self, optimizers=(SEED_OPTIMIZER,)):
+        """{(phase, impl): Runner} for each optimizer's phase (STEP_PHASES), all timed together."""
+        def runner(impl, optimizer):
             depths = itertools.cycle(DEPTHS)
-            return Runner(lambda: self.step(impl, next(depths)), multiple=len(DEPTHS))
+            return Runner(lambda: self.step(impl, next(depths), optimizer), multiple=len(DEPTHS))
 
-        return {impl: runner(impl) for impl in self.models}
+        return {(STEP_PHASES[opt], impl): runner(impl, opt) for opt in optimizers for impl in self.models}
 
     def persample_runners(self, depth):
         """Per-sample gradients of the seed's loss: vmap(grad(loss)) over the batch, with the
@@ -413,7 +430,7 @@ class NetCase:
     def cuda_peak_step_bytes(self, impl, depth):
         """Peak CUDA allocation during one training step above what was allocated before it
         (parameters, Adam state, data): activations, gradients, temporaries."""
-        self.optimizers[impl].zero_grad()
+        self.optimizer(impl).zero_grad()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -505,8 +522,8 @@ def _dims(subject, shape):
 def _row(subject, phase, shape, depth, impl, **fields):
     row = {"subject": subject, "phase": phase, "shape": shape, "dims": _dims(subject, shape), "depth": depth,
            "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
-           "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None, "gemm_flops": None,
-           "gflops": None, "peak_fraction": None}
+           "ratio_vs_seed": None, "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None,
+           "gemm_flops": None, "gflops": None, "peak_fraction": None}
     row.update(fields)
     return row
 
@@ -543,12 +560,20 @@ def _with_rate(row, peak_gflops):
 
 
 def _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops=None):
+    """Rows of `runners` ({impl: Runner}, or {(phase, impl): Runner} where one measurement
+    serves several phases: the step's optimizers), measured together. ratio_vs_stock is against
+    stock in the same phase; step rows' ratio_vs_seed against the seed's step (stock, train-step)."""
+    subject, phase, shape, depth = key
     samples, iters = measure(runners, device, reps, warmup_s, target_s)
-    stock = statistics.median(samples["stock"])
+    samples = {name if isinstance(name, tuple) else (phase, name): ms for name, ms in samples.items()}
+    medians = {name: statistics.median(ms) for name, ms in samples.items()}
+    seed = medians[(STEP_PHASES[SEED_OPTIMIZER], "stock")] if subject == "step" else None
     rows = []
-    for impl, ms in samples.items():
+    for (row_phase, impl), ms in samples.items():
         med, p20, p80 = summarize(ms)
-        rows.append(_with_rate(_row(*key, impl, median_ms=med, p20_ms=p20, p80_ms=p80, ratio_vs_stock=stock / med,
+        rows.append(_with_rate(_row(subject, row_phase, shape, depth, impl, median_ms=med, p20_ms=p20, p80_ms=p80,
+                                    ratio_vs_stock=medians[(row_phase, "stock")] / med,
+                                    ratio_vs_seed=seed / med if seed else None,
                                     reps=len(ms), iters_per_rep=iters, samples_ms=ms), peak_gflops))
     return rows
 
@@ -630,12 +655,15 @@ def _progress(row):
     if row["memory_bytes"] is not None:
         text += f"{row['phase']} {row['memory_bytes'] / 1024:.1f} KiB"
     else:
+        if row["subject"] == "step":
+            text += f"{row['phase']} "
         text += f"{row['median_ms']:.3f} ms"
         if row.get("gflops") is not None:
             text += f" {row['gflops']:.0f} GFLOP/s"
-    if row["impl"] != "stock" and row["ratio_vs_stock"] is not None:
-        text += f" ({row['ratio_vs_stock']:.2f}x)"
-    return text
+    ratios = [f"{row['ratio_vs_stock']:.2f}x"] if row["impl"] != "stock" and row["ratio_vs_stock"] is not None else []
+    if row["ratio_vs_seed"] is not None and row["phase"] != STEP_PHASES[SEED_OPTIMIZER]:
+        ratios.append(f"{row['ratio_vs_seed']:.2f}x vs seed")
+    return text + (f" ({', '.join(ratios)})" if ratios else "")
 
 
 def run(args):
@@ -650,6 +678,12 @@ def run(args):
     shapes = args.shapes or ([SEED_SHAPE] if args.quick else list(FULL_SHAPES))
     impls = [i for i in IMPLS if i in (args.impls or DEFAULT_IMPLS[device]) or i == "stock"]
     subjects = list(args.subjects)
+    try:  # the seed's Adam, and the fused one where asked for (by default: where torch runs it)
+        optimizers = list(dict.fromkeys([SEED_OPTIMIZER, *(choose_optimizer(o, device) for o in args.optimizers)]
+                                        if args.optimizers else [SEED_OPTIMIZER, choose_optimizer(None, device)]))
+    except ValueError as exc:
+        print(f"dynnet_ext bench: --optimizers: {exc}", file=sys.stderr)
+        return 2
 
     old_threads = torch.get_num_threads()
     threads = args.threads or old_threads
@@ -662,11 +696,12 @@ def run(args):
                   "fallback, so its numbers say nothing about the kernels", file=sys.stderr)
         machine = machine_info(device)
         config = {"device": device, "dtype": "float32", "quick": args.quick, "subjects": subjects, "impls": impls,
-                  "shapes": shapes, "threads": threads, "reps": reps, "warmup_s": warmup_s,
+                  "optimizers": optimizers, "shapes": shapes, "threads": threads, "reps": reps, "warmup_s": warmup_s,
                   "target_rep_ms": target_ms, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         print(f"dynnet_ext bench: {device} ({machine['gpu'] or machine['cpu_model']}), {threads} threads, "
               f"torch {torch.__version__}, commit {(machine['git_commit'] or 'unknown')[:10]}"
-              f"{' (dirty)' if machine['git_dirty'] else ''}; impls {','.join(impls)}", file=sys.stderr)
+              f"{' (dirty)' if machine['git_dirty'] else ''}; impls {','.join(impls)}; step optimizers "
+              f"{','.join(optimizers)}", file=sys.stderr)
         too_big = [s for s in shapes if persample_bytes(s) > PERSAMPLE_MAX_BYTES] if "persample" in subjects else []
         if too_big:
             print(f"dynnet_ext bench: persample skips {','.join(too_big)} (per-sample gradients over "
@@ -677,7 +712,7 @@ def run(args):
             f"{k} {v:.0f}" for k, v in calibration["gflops"].items()) + f" GFLOP/s; peak {calibration['peak_gflops']:.0f}",
             file=sys.stderr)
         rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3,
-                                 calibration["peak_gflops"])
+                                 calibration["peak_gflops"], optimizers)
         config["duration_s"] = round(time.perf_counter() - t_start, 1)
     finally:
         torch.set_num_threads(old_threads)
@@ -695,7 +730,7 @@ def run(args):
     return 1 if errors else 0
 
 
-def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None):
+def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None, optimizers=(SEED_OPTIMIZER,)):
     """Measure every planned row. A row whose measurement raises is reported and recorded in
     `errors`, and the run goes on: one failing compile mode must not lose a long GPU run."""
     rows, errors, case, case_key = [], [], None, None
@@ -716,7 +751,8 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None):
             else:
                 runners = (case.runners(phase) if subject == "layer" else
                            case.net_runners(depth) if subject == "net" else
-                           case.persample_runners(depth) if subject == "persample" else case.step_runners())
+                           case.persample_runners(depth) if subject == "persample" else
+                           case.step_runners(optimizers))
                 new = _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops)
         except Exception as exc:  # noqa: BLE001 - recorded in results.json and the exit code
             message = f"{type(exc).__name__}: {exc}"
@@ -730,20 +766,23 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None):
 
 def _sorted(rows, shapes):
     """Subject-major order: subject, phase, depth, shape (as given), implementation."""
-    phases = [*LAYER_PHASES, "train-step", "saved-tensors", "peak-allocated", "vmap-grad"]
+    phases = [*LAYER_PHASES, *STEP_PHASES.values(), "saved-tensors", "peak-allocated", "vmap-grad"]
     return sorted(rows, key=lambda r: (SUBJECTS.index(r["subject"]), phases.index(r["phase"]),
                                        str(r["depth"]), shapes.index(r["shape"]), IMPLS.index(r["impl"])))
 
 
 # ----------------------------------------------------------------------------- outputs
 
-TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "median", "p20-p80", "GFLOP/s",
-                 "of peak", "iters x reps")
+TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "vs seed", "median", "p20-p80",
+                 "GFLOP/s", "of peak", "iters x reps")
+
+
+def _ratio_cell(ratio):
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _cells(row):
-    ratio = row["ratio_vs_stock"]
-    ratio = "-" if ratio is None else f"{ratio:.2f}x"
+    ratio, vs_seed = _ratio_cell(row["ratio_vs_stock"]), _ratio_cell(row.get("ratio_vs_seed"))  # schema < 3: none
     if row["memory_bytes"] is not None:
         value, spread, count = f"{row['memory_bytes'] / 1024:.1f} KiB", "", ""
     else:
@@ -753,15 +792,17 @@ def _cells(row):
     depth = "-" if row["depth"] is None else str(row["depth"])
     rate = "" if row.get("gflops") is None else f"{row['gflops']:.1f}"
     share = "" if row.get("peak_fraction") is None else f"{100 * row['peak_fraction']:.0f}%"
-    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, value, spread, rate, share, count)
+    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, vs_seed, value, spread, rate, share,
+            count)
 
 
 def format_table(rows):
     """Plain-text table, the ratio to stock right after the implementation (>1: faster or
-    smaller than stock); a blank line between groups of one subject and phase."""
+    smaller than stock), then, in step rows, the ratio to the seed's step; a blank line between
+    groups of one subject and phase."""
     cells = [TABLE_COLUMNS] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
-    right = {5, 6, 7, 8, 9, 10}
+    right = set(range(5, len(TABLE_COLUMNS)))
     lines, prev = [], None
     for i, c in enumerate(cells):
         group = c[:2]
@@ -785,7 +826,7 @@ def format_calibration(calibration):
 
 def format_markdown(rows):
     """The same table in Markdown (for benchmarks/results/README.md)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 4 + "---|" + "--:|" * 6]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 5 + "--:|" * (len(TABLE_COLUMNS) - 5)]
     lines += ["| " + " | ".join(c or " " for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -822,7 +863,8 @@ def _panel_title(subject, phase, depth):
     if subject == "net":
         return f"net forward+backward, depth {depth}"
     if subject == "step":
-        return "training step (depths 0-3 cycled)"
+        optimizer = "Adam(fused=True)" if phase == STEP_PHASES["adam-fused"] else "Adam as the seed builds it"
+        return f"training step (depths 0-3 cycled), {optimizer}"
     if subject == "persample":
         return f"per-sample gradients vmap(grad), depth {depth}"
     return f"memory: {phase} (stock / impl), depth {depth}"
@@ -832,8 +874,9 @@ _RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 1
 
 
 def plot_speedup(results, path):
-    """One panel per subject/phase/depth: ratio to stock vs shape, one line per implementation,
-    bars from the implementation's p80 to its p20."""
+    """One panel per subject/phase/depth: ratio to stock (step panels: to the seed's step, so
+    that stock with the fused optimizer shows what the optimizer buys) vs shape, one line per
+    implementation, bars from the implementation's p80 to its p20."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import NullLocator
 
@@ -844,22 +887,25 @@ def plot_speedup(results, path):
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (subject, phase, depth) in zip(axes, panels):
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="stock")
+        vs_seed = subject == "step" and any(r.get("ratio_vs_seed") for r in rows)  # schema < 3: none
+        ratio = "ratio_vs_seed" if vs_seed else "ratio_vs_stock"
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="the seed's step" if vs_seed else "stock")
         for impl in IMPLS:
-            if impl == "stock":
-                continue
+            if impl == "stock" and not (vs_seed and phase != STEP_PHASES[SEED_OPTIMIZER]):
+                continue  # the baseline itself
             points = {r["shape"]: r for r in rows if (r["subject"], r["phase"], r["depth"], r["impl"])
-                      == (subject, phase, depth, impl) and r["ratio_vs_stock"] is not None}
+                      == (subject, phase, depth, impl) and r.get(ratio) is not None}
             if not points:
                 continue
             xs = [i for i, s in enumerate(shapes) if s in points]
-            ys = [points[shapes[i]]["ratio_vs_stock"] for i in xs]
+            ys = [points[shapes[i]][ratio] for i in xs]
+            color = f"C{IMPLS.index(impl)}"  # one colour per implementation in every panel
             if subject == "memory":
-                ax.plot(xs, ys, marker="o", label=impl)
+                ax.plot(xs, ys, marker="o", label=impl, color=color)
             else:  # bars: the stock median over this implementation's p80 and p20
                 lo = [y - y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p80_ms"] for i, y in zip(xs, ys)]
                 hi = [y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p20_ms"] - y for i, y in zip(xs, ys)]
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=impl)
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=impl, color=color)
         ax.set_title(_panel_title(subject, phase, depth), fontsize=10)
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")  # ratios: 2x faster and 2x slower lie equally far from 1
@@ -867,7 +913,7 @@ def plot_speedup(results, path):
         ticks = [t for t in _RATIO_TICKS if low <= t <= high]
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_ylabel("x vs stock (>1 better, log)")
+        ax.set_ylabel(f"x vs {'the seed' if vs_seed else 'stock'} (>1 better, log)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in axes[len(panels):]:

@@ -5,6 +5,7 @@ speed is what the benchmarks report, not what the tests check."""
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from dynnet_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "impl", "median_ms", "p20_ms", "p80_ms",
-            "ratio_vs_stock", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops", "gflops",
+            "ratio_vs_stock", "ratio_vs_seed", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops", "gflops",
             "peak_fraction"}
 MACHINE_KEYS = {"date", "cpu_model", "cpu_count", "torch_threads", "torch_version", "cuda_version", "gpu",
                 "build_info", "fused_kernels", "git_commit"}
@@ -93,6 +94,38 @@ def test_quick_rows_present(quick):
     # The per-layer fused network has net/step/memory rows, no layer rows.
     assert {k[0] for k in keys if k[3] == "fused-layer"} == {"net", "step", "memory"}
     assert len(keys) == len(rows), "one row per subject/phase/depth/impl at one shape"
+
+
+def test_step_rows_with_both_optimizers(quick):
+    # Each implementation's step with Adam as the seed builds it and with Adam(fused=True), timed
+    # in the same reps; ratio_vs_stock against stock with the same optimizer, ratio_vs_seed
+    # against the seed's step.
+    _, res = quick
+    assert res["config"]["optimizers"] == ["adam", "adam-fused"]
+    step = {(r["phase"], r["impl"]): r for r in res["rows"] if r["subject"] == "step"}
+    impls = ("fused", "fused-layer", "stock", "compile")
+    assert set(step) == {(phase, impl) for phase in ("train-step", "train-step-adam-fused") for impl in impls}
+    seed = step[("train-step", "stock")]["median_ms"]
+    for (phase, impl), row in step.items():
+        assert row["ratio_vs_seed"] == pytest.approx(seed / row["median_ms"])
+        assert row["ratio_vs_stock"] == pytest.approx(step[(phase, "stock")]["median_ms"] / row["median_ms"])
+        assert row["iters_per_rep"] == step[("train-step", "stock")]["iters_per_rep"]  # one measurement
+    assert step[("train-step", "stock")]["ratio_vs_seed"] == 1.0
+    assert all(r["ratio_vs_seed"] is None for r in res["rows"] if r["subject"] != "step")
+
+
+def test_step_optimizers_option(tmp_path, capsys):
+    parser = bench.add_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["--optimizers", "adam-fused"]).optimizers == ["adam-fused"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizers", "sgd"])
+    # The seed's Adam alone: train-step rows only (the baseline is always run).
+    out = tmp_path / "step"
+    assert main(["bench", "--quick", "--subjects", "step", "--impls", "fused", "--optimizers", "adam", "--reps", "2",
+                 "--out", str(out), "--no-plot"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {(r["phase"], r["impl"]) for r in res["rows"]} == {("train-step", "fused"), ("train-step", "stock")}
+    assert re.search(r"; step optimizers adam$", capsys.readouterr().err, re.M)
 
 
 def test_persample_quick_rows(tmp_path):

@@ -64,3 +64,18 @@ def test_scaling_out_recipes_run_under_torchrun(tmp_path):
     path.write_text(fsdp[:-len(end)] + tp.replace(start, ""))
     proc = torchrun(str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_train_summary_shown_as_train_prints_it(capsys):
+    # The summary lines the README shows are the ones `train` prints, numbers aside.
+    shown = re.search(r"```\n(done: .*?)```", readme(), re.S).group(1).splitlines()
+    from dynnet_ext import cli
+
+    assert cli.main(["train", "--epochs", "2"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith(("done: ", "dynnet kernels run: "))]
+
+    def form(line):
+        return re.sub(r"\d+(\.\d+)?", "#", line)
+
+    assert [form(line) for line in shown] == [form(line) for line in printed]
