@@ -19,9 +19,9 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # bfloat16 k-pairs with vdpbf16ps (and hands float32 and float16 to avx512's kernels).
 ENGINES = [("avx512", F32), ("avx512", F16), ("avx512", BF16), ("avx512_bf16", BF16), ("avx512_bf16", F32)]
 # Around the 6-row tile, 16-float vectors and 64-column panels, the 256-long float32 K-block, odd
-# K (a k-pair with one element), the 96-row A block.
+# K (a k-pair with one element), the 96-row A block and the shorter blocks of a long K.
 SHAPES = [(1, 1, 1), (5, 17, 3), (6, 64, 2), (7, 65, 257), (13, 130, 256), (97, 16, 513), (12, 1, 1000),
-          (200, 70, 33)]
+          (200, 70, 33), (100, 20, 3001)]
 UNIT = {F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}  # unit roundoff of the output's rounding
 
 

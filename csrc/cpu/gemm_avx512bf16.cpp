@@ -37,6 +37,20 @@ struct Avx512Bf16 : Avx512 {
   static V bcast(const Word* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(*p))); }
   static V loadw(const Word* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
   static V dot(V a, V b, V acc) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  // Packing k-pairs (gemm_kernel.h's pack_a_pairs, pack_b_pairs). A bfloat16 is the high half
+  // of its float32, so lo/hi give a word's two elements as float32 (for the ReLU mask) and pair
+  // puts two such vectors' elements back into words, bit for bit.
+  static V load_pairs(const bf16_t* p, int n) {  // n <= 2 W elements as W words, zero past n
+    const __mmask32 m = n >= 2 * W ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u);
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, p));
+  }
+  static V lo(V w) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(w), 16)); }
+  static V hi(V w) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(w), _mm512_set1_epi32(int(0xffff0000u)))); }
+  static V pair(V l, V h) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(l), 16),
+                                               _mm512_castps_si512(hi(h))));
+  }
+  static void storew(Word* p, V v, int n) { store(reinterpret_cast<float*>(p), v, n); }
 };
 
 #include "gemm_kernel.h"

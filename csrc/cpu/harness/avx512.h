@@ -39,12 +39,14 @@ static inline void dynnet_harness_mask_store(void* p, uint32_t m, V v) {
 #undef _mm256_mask_storeu_ps
 #undef _mm256_maskz_loadu_epi16
 #undef _mm256_mask_storeu_epi16
+#undef _mm512_maskz_loadu_epi16
 #define _mm512_maskz_loadu_ps(m, p) (dynnet_harness_maskz_load<float, 16, __m512>((m), (p)))
 #define _mm512_mask_storeu_ps(p, m, v) (dynnet_harness_mask_store<float, 16, __m512>((p), (m), (v)))
 #define _mm256_maskz_loadu_ps(m, p) (dynnet_harness_maskz_load<float, 8, __m256>((m), (p)))
 #define _mm256_mask_storeu_ps(p, m, v) (dynnet_harness_mask_store<float, 8, __m256>((p), (m), (v)))
 #define _mm256_maskz_loadu_epi16(m, p) (dynnet_harness_maskz_load<uint16_t, 16, __m256i>((m), (p)))
 #define _mm256_mask_storeu_epi16(p, m, v) (dynnet_harness_mask_store<uint16_t, 16, __m256i>((p), (m), (v)))
+#define _mm512_maskz_loadu_epi16(m, p) (dynnet_harness_maskz_load<uint16_t, 32, __m512i>((m), (p)))
 
 static inline __m256i dynnet_harness_cvtepi32_epi16(__m512i v) {  // truncation, as vpmovdw
   int32_t s[16];
