@@ -5,8 +5,8 @@ without AVX-512 or AVX512_BF16 - where the extension itself takes the AVX2 kerne
 test suite would never reach them. Tests only: built here on demand into build/cpu-harness/,
 never part of the wheel. SIMDe's headers come from the simde-py package (requirements-dev.txt).
 
-`load()` gives a ctypes function running one GEMM problem as gemm.cpp would (driver.cpp);
-`gemm(...)` wraps it for torch tensors.
+`load()` gives the library (ctypes): `gemm(...)` runs one GEMM problem on torch tensors as
+gemm.cpp would (driver.cpp), `fma_loop_flops` the tables' register-only ceiling loops.
 """
 
 import ctypes
@@ -76,8 +76,16 @@ def load():
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
                        ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ptr, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
-        _lib = fn
+        lib.dynnet_harness_fma_loop.argtypes = [ctypes.c_int, ctypes.c_int64]
+        lib.dynnet_harness_fma_loop.restype = ctypes.c_double
+        _lib = lib
     return _lib
+
+
+def fma_loop_flops(kernels, iters):
+    """FLOPs the ceiling loop of `kernels` (avx512: FMA; avx512_bf16: vdpbf16ps) counts for
+    `iters` rounds, after running them."""
+    return load().dynnet_harness_fma_loop(int(kernels == "avx512_bf16"), iters)
 
 
 def gemm(a, b, *, kernels="avx512_bf16", form="packed", a_mask=None, bias=None, relu=False, mask_y=None,
@@ -94,7 +102,7 @@ def gemm(a, b, *, kernels="avx512_bf16", form="packed", a_mask=None, bias=None, 
         return None if t is None else t.data_ptr()
 
     am = a_mask if a_mask is not None else a
-    rc = load()(int(kernels == "avx512_bf16"), DTYPES[a.dtype], FORMS[form], M, N, K,
+    rc = load().dynnet_harness_gemm(int(kernels == "avx512_bf16"), DTYPES[a.dtype], FORMS[form], M, N, K,
                 ptr(a), a.stride(0), a.stride(1), ptr(a_mask), am.stride(0), am.stride(1),
                 ptr(b), b.stride(0), b.stride(1), ptr(c), c.stride(0), ptr(bias), int(relu),
                 ptr(mask_y), 0 if mask_y is None else mask_y.stride(0), tasks, int(by_panels))

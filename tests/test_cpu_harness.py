@@ -90,15 +90,19 @@ def test_against_reference(engine, shape, layout):
     if layout == "grad_x" and M % 2:  # the network op's chain: ReLU's mask in the store
         mask_y = torch.randn(M, N, generator=gen).to(dtype)
     want, bound = reference(a, b, a_mask, bias, relu, mask_y)
+    results = {}
     for form in FORMS[layout]:
         if form != "packed" and dtype != F32:
             continue  # the dot and direct forms are float32's
         c = cpu_harness.gemm(a, b, kernels=kernels, form=form, a_mask=a_mask, bias=bias, relu=relu, mask_y=mask_y)
         check(c, want, bound, dtype)
+        results[form] = c
         for by_panels in (False, True):  # three tasks: the same bits as one
             split = cpu_harness.gemm(a, b, kernels=kernels, form=form, a_mask=a_mask, bias=bias, relu=relu,
                                      mask_y=mask_y, tasks=3, by_panels=by_panels)
             assert torch.equal(split.nan_to_num(7), c.nan_to_num(7)), (form, by_panels)
+    if "direct" in results:  # B read where it lies: the packed form's sums, bit for bit
+        assert torch.equal(results["direct"].nan_to_num(7), results["packed"].nan_to_num(7))
 
 
 def test_relu_keeps_nan_and_refuses_unrunnable_forms():
@@ -109,3 +113,10 @@ def test_relu_keeps_nan_and_refuses_unrunnable_forms():
     assert c[3].isnan().all() and not c[torch.arange(7) != 3].isnan().any()
     with pytest.raises(ValueError, match="form 'direct' cannot run it"):
         cpu_harness.gemm(a, b, form="direct")
+
+
+def test_ceiling_loops_count_their_flops():
+    # 24 accumulators of 16 lanes a round: an FMA is 2 FLOPs a lane, vdpbf16ps 4 (two
+    # multiply-adds), so bfloat16's ceiling counts twice the FMA loop's work per instruction.
+    assert cpu_harness.fma_loop_flops("avx512", 1000) == 2 * 16 * 24 * 1000
+    assert cpu_harness.fma_loop_flops("avx512_bf16", 1000) == 4 * 16 * 24 * 1000

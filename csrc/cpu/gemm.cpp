@@ -375,10 +375,17 @@ void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r
 }
 
 double fma_peak_gflops(const std::string& name, int64_t threads, double seconds) {
-  const Isa isa = parse_isa(name);
-  TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
-              c10::Join(", ", available_isas()));
-  const Kernels* k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  const Kernels* k = nullptr;
+  if (name == "avx512_bf16") {  // the bfloat16 ceiling: vdpbf16ps, two multiply-adds per lane
+    TORCH_CHECK(cpu_has(kAvx512) && has_avx512_bf16(), "dynnet: no avx512_bf16 (vdpbf16ps) loop on this CPU (or ",
+                "build): bfloat16 runs converted to float32 there, at the FMA loop's ceiling");
+    k = avx512bf16_kernels();
+  } else {
+    const Isa isa = parse_isa(name);
+    TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
+                c10::Join(", ", available_isas()), ", and avx512_bf16 where the CPU has it");
+    k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  }
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
   std::vector<double> rate(T, 0.0);
   // Each thread's own CPU time: the rate of the cores themselves, unaffected by other processes

@@ -78,7 +78,7 @@ void compute(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t
 const Kernels* avx512bf16_kernels() {
   static const Kernels k{"avx512_bf16", Avx512Bf16::MR, Avx512Bf16::NR, &kc,      &packed_bytes, &scratch,
                          &pack,         &compute,        Avx512::DR,     Avx512::DC, Avx512::DKC,   &dot_rect<Avx512>,
-                         &fma_loop<Avx512>, Avx512::DIRECT};
+                         &fma_loop<Avx512Bf16>, Avx512::DIRECT, &column_sums_any<Avx512>};
   return &k;
 }
 

@@ -641,24 +641,69 @@ void compute_any(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int
   }
 }
 
+// out[j - c0] = the sum over rows i, in order, of g(i, j) - where y is given, masked by ReLU's
+// backward (y(i, j) <= 0 gives 0; NaN in y lets g through) - for columns [c0, c1); g and y
+// row-major (row strides ld, y_ld), fp32 sums rounded once to T: the half types' grad_bias
+// (float32 keeps kernels.h's double sums). Columns are summed independently, so any split of
+// the columns gives the same bits.
+template <class I, typename T>
+void column_sums(const void* g_, int64_t ld, const void* y_, int64_t y_ld, int64_t rows, int64_t c0, int64_t c1,
+                 void* out_) {
+  using V = typename I::V;
+  constexpr int NV = 4;  // independent sums in flight
+  const T* g = static_cast<const T*>(g_);
+  const T* y = static_cast<const T*>(y_);
+  T* out = static_cast<T*>(out_);
+  for (int64_t j = c0; j < c1; j += NV * I::W) {
+    V acc[NV];
+    int n[NV];
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = I::zero();
+      n[v] = static_cast<int>(std::clamp<int64_t>(c1 - j - v * I::W, 0, I::W));
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int v = 0; v < NV && n[v] > 0; ++v) {
+        V x = I::load(g + i * ld + j + v * I::W, n[v]);
+        if (y) x = I::mask_le0(I::load(y + i * y_ld + j + v * I::W, n[v]), x);
+        acc[v] = I::add(acc[v], x);
+      }
+    for (int v = 0; v < NV && n[v] > 0; ++v) I::store(out + (j - c0) + v * I::W, acc[v], n[v]);
+  }
+}
+
+template <class I>
+void column_sums_any(DType dtype, const void* g, int64_t ld, const void* y, int64_t y_ld, int64_t rows, int64_t c0,
+                     int64_t c1, void* out) {
+  switch (dtype) {
+    case DType::F32: return column_sums<I, float>(g, ld, y, y_ld, rows, c0, c1, out);
+    case DType::BF16: return column_sums<I, bf16_t>(g, ld, y, y_ld, rows, c0, c1, out);
+    case DType::F16: return column_sums<I, f16_t>(g, ld, y, y_ld, rows, c0, c1, out);
+  }
+}
+
+// The table's own product instruction in a register-only loop: fp32 FMA, or vdpbf16ps on
+// bfloat16 k-pairs (KPACK 2: two multiply-adds per lane).
 template <class I>
 double fma_loop(int64_t iters) {
   using V = typename I::V;
-  constexpr int n = 2 * I::MR * I::NVMAX > 24 ? 24 : 2 * I::MR * I::NVMAX;  // enough chains to cover the FMA latency
+  using Word = typename I::Word;
+  constexpr int n = 2 * I::MR * I::NVMAX > 24 ? 24 : 2 * I::MR * I::NVMAX;  // enough chains to cover the latency
   V acc[n];
   for (int i = 0; i < n; ++i) acc[i] = I::zero();
-  float one = 1.0f, tiny = 1e-7f;
+  Word one, tiny;  // 1 and 1e-7 (bfloat16 pairs: 0x3f80 and 0x33d6 in both halves)
+  if constexpr (I::KPACK == 2) one = 0x3f803f80u, tiny = 0x33d633d6u;
+  else one = 1.0f, tiny = 1e-7f;
   const V a = I::bcast(&one), b = I::bcast(&tiny);
   for (int64_t it = 0; it < iters; ++it) {
 #pragma GCC unroll 24
-    for (int i = 0; i < n; ++i) acc[i] = I::fma(acc[i], a, b);
+    for (int i = 0; i < n; ++i) acc[i] = I::dot(a, b, acc[i]);
   }
   V sum = acc[0];
   for (int i = 1; i < n; ++i) sum = I::add(sum, acc[i]);
   float out[I::W];
   I::store(out, sum);
   // The result feeds the return value, so the loop cannot be dropped; it is ~0 by construction.
-  return 2.0 * I::W * n * static_cast<double>(iters) + (out[0] > 1e30f ? 1.0 : 0.0);
+  return 2.0 * I::KPACK * I::W * n * static_cast<double>(iters) + (out[0] > 1e30f ? 1.0 : 0.0);
 }
 
 template <class I>
@@ -670,6 +715,6 @@ template <class I>
 const Kernels* make_kernels(const char* name) {
   static const Kernels k{name,          I::MR,          I::NR,         &kc_for<I>, &packed_b_bytes<I>,
                          &scratch_floats<I>, &pack_b_any<I>, &compute_any<I>, I::DR,     I::DC,
-                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT};
+                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT, &column_sums_any<I>};
   return &k;
 }

@@ -54,3 +54,10 @@ extern "C" int dynnet_harness_gemm(int bf16_kernels, int dtype, int form, int64_
   }
   return 0;
 }
+
+// The FLOPs the table's register-only ceiling loop counts for `iters` rounds (FMA, or vdpbf16ps
+// for the bfloat16 table), after running it.
+extern "C" double dynnet_harness_fma_loop(int bf16_kernels, int64_t iters) {
+  const Kernels* k = bf16_kernels ? avx512bf16_kernels() : avx512_kernels();
+  return k ? k->fma_loop(iters) : -1.0;
+}
