@@ -22,8 +22,9 @@
 // for any split of the work and any thread count.
 // Half types (float16, bfloat16): all of K in one block, so C is rounded once from registers:
 //   for each block of rows whose packed A fits a quarter of L2   (A packed once, here)
-//     for each panel                       (B's K x NR panel stays in L2 across the row tiles)
-//       for each row tile of MR rows       -> micro-kernel
+//     for each chunk of panels that fits L2  (one panel when K is long)
+//       for each row tile of MR rows
+//         for each panel in the chunk      -> micro-kernel
 // Each element is again one sum over all of k in one order, whatever the split.
 
 // Vector traits for one ISA: V holds W floats. Partial vectors (n < W valid lanes) only occur
@@ -228,6 +229,12 @@ struct ABlock {
 // copied (masked) a vector at a time. A column-major A (grad_W's grad_y^T) pairs two of its
 // columns a vector of the block's rows at a time, into kcw columns of the block's height (the
 // tiles' slivers side by side). Other strides: element by element, into rows.
+// ReLU's backward mask on the words v from the words y of the same k-pairs, each half on its own.
+template <class I>
+typename I::V mask_pairs(typename I::V y, typename I::V v) {
+  return I::pair(I::mask_le0(I::lo(y), I::lo(v)), I::mask_le0(I::hi(y), I::hi(v)));
+}
+
 template <class I>
 ABlock pack_a_pairs(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_t kcb, uint32_t* dst) {
   using V = typename I::V;
@@ -236,7 +243,6 @@ ABlock pack_a_pairs(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_
   const View& av = p.a;
   const View& mv = p.a_mask_y;
   const int64_t kcw = (kcb + 1) / 2, h = ie - ib;
-  const auto masked = [](V y, V v) { return I::pair(I::mask_le0(I::lo(y), I::lo(v)), I::mask_le0(I::hi(y), I::hi(v))); };
   if (av.cs == 1 && (!m || mv.cs == 1)) {
     for (int64_t i = ib; i < ie; ++i) {
       const bf16_t* ar = a + i * av.rs + k0;
@@ -244,7 +250,7 @@ ABlock pack_a_pairs(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_
       for (int64_t k = 0; k < kcb; k += 2 * I::W) {
         const int n = static_cast<int>(std::min<int64_t>(2 * I::W, kcb - k));  // elements: n / 2 words, rounded up
         V v = I::load_pairs(ar + k, n);
-        if (m) v = masked(I::load_pairs(mr + k, n), v);
+        if (m) v = mask_pairs<I>(I::load_pairs(mr + k, n), v);
         I::storew(dst + (i - ib) * kcw + k / 2, v, (n + 1) / 2);
       }
     }
@@ -431,46 +437,51 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   t.ldc = p.ldc;
   t.ldm = p.epi.mask_y.rs;
   t.relu = p.epi.relu;
-  // The tile of rows [i, i + R) and panel jp for K-block q, A's sliver at `a` with strides `ab`.
-  const auto tile = [&](int64_t i, int R, int64_t jp, int64_t q, const Word* block, const void* a, const ABlock& ab) {
-    const int64_t kcb = std::min(kc, K - q * kc);
-    const int64_t j0 = jp * I::NR;
-    const int64_t w = std::min<int64_t>(I::NR, N - j0);
-    const int NV = static_cast<int>((w + I::W - 1) / I::W);
+  // The row tile [i, i + R) of K-block q across panels [c0, c1): A's sliver at `a` with strides
+  // `ab`, the K-block's B at `block`.
+  const auto row_tile = [&](int64_t i, int R, int64_t q, const Word* block, const void* a, const ABlock& ab,
+                            int64_t c0, int64_t c1) {
+    const int64_t kcb = std::min(kc, K - q * kc), kcw = (kcb + I::KPACK - 1) / I::KPACK;
     t.kcb = kcb;
     t.a = a;
     t.rs_a = ab.rs;
     t.cs_a = ab.cs;
     t.first = q == 0;
     t.last = q == nblocks - 1;
-    t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
-    t.nlast = static_cast<int>(w - (NV - 1) * I::W);
-    t.b = direct ? block + j0 : block + (kcb + I::KPACK - 1) / I::KPACK * j0;
-    t.ldb = direct ? p.b.rs : NV * I::W;
-    t.btail = direct ? t.nlast : I::W;
-    t.bias = bias ? bias + j0 : nullptr;
-    t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
-    table.fn[R - 1][NV - 1](t);
+    for (int64_t jp = c0; jp < c1; ++jp) {
+      const int64_t j0 = jp * I::NR;
+      const int64_t w = std::min<int64_t>(I::NR, N - j0);
+      const int NV = static_cast<int>((w + I::W - 1) / I::W);
+      t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
+      t.nlast = static_cast<int>(w - (NV - 1) * I::W);
+      t.b = direct ? block + j0 : block + kcw * j0;
+      t.ldb = direct ? p.b.rs : NV * I::W;
+      t.btail = direct ? t.nlast : I::W;
+      t.bias = bias ? bias + j0 : nullptr;
+      t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
+      table.fn[R - 1][NV - 1](t);
+    }
   };
 
+  // Panels per chunk: the chunk's B-block (kc rows, in words) fits half of L2; each row tile's
+  // A sliver stays in L1 across the chunk's panels.
+  const int64_t kcw = (std::max<int64_t>(kc, 1) + I::KPACK - 1) / I::KPACK;
+  const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (kcw * I::NR));
   if constexpr (half) {
     // Half types: one K-block (the output is rounded once, from registers), so A is packed once
-    // per block of rows and each B panel (all of K) is reused by the block's row tiles from L2:
-    // rows blocked so that the packed A block takes at most a quarter of L2.
-    const int64_t kcw = (K + I::KPACK - 1) / I::KPACK;
-    const int64_t mc = std::max<int64_t>(I::MR, std::min<int64_t>(I::MC, I::L2_FLOATS / 4 / std::max<int64_t>(kcw, 1)) / I::MR * I::MR);
+    // per block of rows - rows blocked so that the packed block takes at most a quarter of L2 -
+    // and every chunk of panels runs over it.
+    const int64_t mc = std::max<int64_t>(I::MR, std::min<int64_t>(I::MC, I::L2_FLOATS / 4 / kcw) / I::MR * I::MR);
     for (int64_t ib = r0; ib < r1; ib += mc) {
       const int64_t ie = std::min(r1, ib + mc);
       const ABlock ab = pack_a_block<I, T>(p, ib, ie, 0, K, abuf);
-      for (int64_t jp = p0; jp < p1; ++jp)
+      for (int64_t c0 = p0; c0 < p1; c0 += chunk)
         for (int64_t i = ib; i < ie; i += I::MR)
-          tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), jp, 0, bdata, abuf + (i - ib) * ab.row, ab);
+          row_tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), 0, bdata, abuf + (i - ib) * ab.row, ab, c0,
+                   std::min(p1, c0 + chunk));
     }
     return;
   }
-  // float32, loop nest in the header: panels per chunk so that the chunk's kc x width B-block
-  // fits half of L2; A's MR x kc sliver stays in L1 across the chunk's panels.
-  const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (std::max<int64_t>(kc, 1) * I::NR));
   for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
     const int64_t c1 = std::min(p1, c0 + chunk);
     for (int64_t q = 0; q < nblocks; ++q) {
@@ -482,7 +493,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
         for (int64_t i = ib; i < ie; i += I::MR) {
           const void* a = pack_a ? static_cast<const void*>(abuf + (i - ib) * ab.row)
                                  : static_cast<const void*>(static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs);
-          for (int64_t jp = c0; jp < c1; ++jp) tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), jp, q, block, a, ab);
+          row_tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), q, block, a, ab, c0, c1);
         }
       }
     }
