@@ -130,6 +130,12 @@ def add_arguments(parser, subjects=SUBJECTS):
                         help="comma-separated BATCHxINxOUT: for the layer batch x in_features x out_features, for "
                              f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)}, "
                              f"and for the layer also {','.join(TRANSFORMER_SHAPES)} (--quick: {SEED_SHAPE})")
+    if "layer" in subjects:
+        parser.add_argument("--layer-shapes", type=_shapes, default=None,
+                            help="comma-separated BATCHxINxOUT measured by the layer subject only. Default: "
+                                 f"{','.join(TRANSFORMER_SHAPES)} in the full sweep, none with --shapes or --quick")
+    else:
+        parser.set_defaults(layer_shapes=None)
     if len(subjects) > 1:
         parser.add_argument("--subjects", type=_csv(subjects), default=list(subjects),
                             help=f"comma-separated, among {', '.join(subjects)} (default: all)")
@@ -714,7 +720,10 @@ def run(args):
     default_reps, warmup_s, target_ms = SETTINGS[mode]
     reps = args.reps or default_reps
     shapes = args.shapes or ([SEED_SHAPE] if args.quick else list(FULL_SHAPES))
-    layer_shapes = [] if args.shapes or args.quick else [s for s in TRANSFORMER_SHAPES if s not in shapes]
+    layer_shapes = getattr(args, "layer_shapes", None)
+    if layer_shapes is None:
+        layer_shapes = [] if args.shapes or args.quick else list(TRANSFORMER_SHAPES)
+    layer_shapes = [s for s in layer_shapes if s not in shapes]
     dtypes = list(getattr(args, "dtypes", None) or ["float32"])
     impls = [i for i in IMPLS if i in (args.impls or DEFAULT_IMPLS[device]) or i == "stock"]
     subjects = list(args.subjects)

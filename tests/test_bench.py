@@ -229,6 +229,7 @@ def test_options_parse():
     args = parser.parse_args(["--shapes", "64x1000x100, 8x4x2", "--subjects", "step,layer", "--impls", "compile,fused",
                               "--dtypes", "float16,float32"])
     assert args.dtypes == ["float32", "float16"]  # canonical order
+    assert args.layer_shapes is None and parser.parse_args(["--layer-shapes", "8x4x2"]).layer_shapes == ["8x4x2"]
     assert args.shapes == ["64x1000x100", "8x4x2"]
     assert args.subjects == ["layer", "step"]  # canonical order
     assert args.impls == ["fused", "compile"]
