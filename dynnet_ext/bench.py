@@ -925,13 +925,14 @@ def plot_speedup(results, path):
     from matplotlib.ticker import NullLocator
 
     rows = results["rows"]
-    shapes = [*results["config"]["shapes"], *results["config"].get("layer_shapes", [])]
+    layer_shapes = [*results["config"]["shapes"], *results["config"].get("layer_shapes", [])]
     panels = list(dict.fromkeys((r["subject"], r["phase"], r["depth"], r.get("dtype", "float32")) for r in rows))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (subject, phase, depth, dtype) in zip(axes, panels):
+        shapes = layer_shapes if subject == "layer" else results["config"]["shapes"]
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="stock")
         for impl in IMPLS:
             if impl == "stock":
