@@ -2,9 +2,10 @@
 //
 // C (M, N) = epilogue(A (M, K) @ B (K, N)), fp32 accumulation (float32, bfloat16, float16;
 // float64 stays with ATen's BLAS). BLIS-style: B is packed into panels of NR columns (k-major,
-// zero-padded), A is read where it lies (strided broadcasts) or packed MR rows at a time when it
-// must be converted or masked, and a register-blocked micro-kernel (gemm_kernel.h) computes an
-// MR x NR tile, applying the epilogue (bias, ReLU, ReLU's backward mask, rounding) in its store.
+// zero-padded), A is read where it lies (strided broadcasts) or packed a block of rows at a time
+// when it must be converted or masked (the half types: once per block, all of K), and a
+// register-blocked micro-kernel (gemm_kernel.h) computes an MR x NR tile, applying the epilogue
+// (bias, ReLU, ReLU's backward mask, rounding) in its store.
 //
 // Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
 // machines are, float32): MKL, which torch.mm and stock nn.Linear use, runs the seed's input
