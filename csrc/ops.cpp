@@ -105,7 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "operands) or columns (b_rows=False: the forward's W^T): dot, packed, direct, or aten");
   module.def("cpu_fma_peak_gflops", &dynnet::gemm::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
              pybind11::arg("seconds") = 0.2,
-             "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' ceiling");
+             "GFLOP/s of a register-only FMA loop of the engine's ISA on `threads` threads (per-thread CPU time): the cores' "
+             "ceiling; isa='avx512_bf16': the vdpbf16ps loop, bfloat16's ceiling where the CPU has it");
   // The CUDA dispatch rule (csrc/cuda/paths.h): forced path, threshold table, the rule itself.
   // Bound on every build: the rule is plain C++, readable and testable without a GPU.
   dynnet::paths::bind(module);

@@ -3,7 +3,7 @@
 Behind `python -m dynnet_ext bench` and the scripts in benchmarks/ (one per subject). The
 method, the options and the results.json schema are documented in benchmarks/README.md.
 
-Subjects (each timed per shape, implementations interleaved rep by rep):
+Subjects (each timed per shape and dtype, implementations interleaved rep by rep):
   layer   Linear + bias + ReLU: forward, backward, forward+backward
   net     DynamicNet forward+backward at each depth 0-3
   step    the seed's training step (forward, MSELoss(sum), zero_grad, backward, Adam(lr=1e-4)
@@ -13,9 +13,12 @@ Subjects (each timed per shape, implementations interleaved rep by rep):
           on CUDA, the peak allocation above the pre-step baseline
   persample  per-sample gradients of the seed's loss, torch.func.vmap(torch.func.grad(loss)),
           at each depth 0-3 (what differential-privacy training computes)
+The layer, net and step subjects also run in each dtype of --dtypes (DTYPES): parameters and
+input in bfloat16 or float16, or float32 parameters under torch.autocast to bfloat16.
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import itertools
@@ -57,16 +60,24 @@ STEP_PHASES = {"adam": "train-step", "adam-fused": "train-step-adam-fused"}
 D_OUT = 10  # the network's output width (the seed's); --shapes sets batch x D_in x H
 LR = 1e-4
 
+# The dtype dimension of the layer, net and step subjects (memory and persample: float32): the
+# models' parameters and the input in the dtype, or float32 parameters with the forward (and the
+# loss) under torch.autocast to bfloat16, as mixed-precision training runs.
+DTYPES = ("float32", "bfloat16", "autocast-bfloat16", "float16")
+DTYPE_SUBJECTS = ("layer", "net", "step")
+
 SEED_SHAPE = "64x1000x100"
 # Full sweep: batch at the seed's widths, then width at the seed's batch.
 FULL_SHAPES = (
     "1x1000x100", "16x1000x100", SEED_SHAPE, "256x1000x100", "1024x1000x100",
     "64x256x256", "64x1024x1024",
 )
+# The layer subject's full sweep adds a transformer's MLP widths (768 <-> 3072) at 128 and 512 tokens.
+TRANSFORMER_SHAPES = ("128x768x3072", "128x3072x768", "512x768x3072", "512x3072x768")
 
 # (reps, warm-up seconds per implementation and case, target milliseconds per rep)
 SETTINGS = {"quick": (5, 0.05, 2.0), "full": (21, 0.3, 10.0)}
-SCHEMA = 3
+SCHEMA = 4
 # The calibration GEMM run at start: every float32 GEMM engine in reach multiplies these shapes
 # (M x K x N) on all threads, interleaved; the fastest rate is the machine's measured peak, the
 # yardstick of every row's GFLOP/s.
@@ -123,13 +134,26 @@ def add_arguments(parser, subjects=SUBJECTS):
                              "short warm-up")
     parser.add_argument("--shapes", type=_shapes, default=None,
                         help="comma-separated BATCHxINxOUT: for the layer batch x in_features x out_features, for "
-                             f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)} "
-                             f"(--quick: {SEED_SHAPE})")
+                             f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)}, "
+                             f"and for the layer also {','.join(TRANSFORMER_SHAPES)} (--quick: {SEED_SHAPE})")
+    if "layer" in subjects:
+        parser.add_argument("--layer-shapes", type=_shapes, default=None,
+                            help="comma-separated BATCHxINxOUT measured by the layer subject only. Default: "
+                                 f"{','.join(TRANSFORMER_SHAPES)} in the full sweep, none with --shapes or --quick")
+    else:
+        parser.set_defaults(layer_shapes=None)
     if len(subjects) > 1:
         parser.add_argument("--subjects", type=_csv(subjects), default=list(subjects),
                             help=f"comma-separated, among {', '.join(subjects)} (default: all)")
     else:
         parser.set_defaults(subjects=list(subjects))
+    if set(subjects) & set(DTYPE_SUBJECTS):
+        parser.add_argument("--dtypes", type=_csv(DTYPES), default=["float32"],
+                            help=f"comma-separated, among {', '.join(DTYPES)} (default float32): the dtypes of the "
+                                 f"{', '.join(DTYPE_SUBJECTS)} rows (bfloat16, float16: parameters and input in the "
+                                 "dtype; autocast-bfloat16: float32 parameters under torch.autocast)")
+    else:
+        parser.set_defaults(dtypes=["float32"])
     parser.add_argument("--impls", type=_csv(IMPLS), default=None,
                         help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
                              f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
@@ -278,21 +302,35 @@ def _clear(tensors):
         t.grad = None
 
 
+def dtype_setup(dtype, device):
+    """(the parameters' and input's torch dtype, a context manager factory for the forward) of a
+    DTYPES entry."""
+    if dtype == "autocast-bfloat16":
+        return torch.float32, lambda: torch.autocast(device, dtype=torch.bfloat16)
+    return getattr(torch, dtype), contextlib.nullcontext
+
+
+def compute_dtype(dtype):
+    """The dtype the GEMMs of a DTYPES entry run in ("bfloat16" under autocast)."""
+    return dtype.removeprefix("autocast-")
+
+
 class LayerCase:
     """Linear(in, out) + ReLU at one shape, one model per implementation, identical weights."""
 
-    def __init__(self, shape, impls, device):
+    def __init__(self, shape, impls, device, dtype="float32"):
         from .nn import FusedLinearReLU
 
         N, fin, fout = shape
+        param_dtype, self.autocast = dtype_setup(dtype, device)
         torch.manual_seed(0)
-        base = nn.Sequential(nn.Linear(fin, fout, device=device), nn.ReLU())
+        base = nn.Sequential(nn.Linear(fin, fout, device=device, dtype=param_dtype), nn.ReLU())
         self.models = {}
         for impl in impls:
             if impl in NET_ONLY:
                 continue
             if impl == "fused":
-                model = FusedLinearReLU(fin, fout, device=device)
+                model = FusedLinearReLU(fin, fout, device=device, dtype=param_dtype)
                 model.load_state_dict(base[0].state_dict())
             elif impl == "stock":
                 model = copy.deepcopy(base)
@@ -303,8 +341,8 @@ class LayerCase:
             self.models[impl] = model
         # x requires grad: the backward computes grad_x, grad_weight and grad_bias, as for a
         # layer inside a network.
-        self.x = torch.randn(N, fin, device=device, requires_grad=True)
-        self.grad_y = torch.randn(N, fout, device=device)
+        self.x = torch.randn(N, fin, device=device, dtype=param_dtype, requires_grad=True)
+        self.grad_y = torch.randn(N, fout, device=device, dtype=getattr(torch, compute_dtype(dtype)))
 
     def runners(self, phase):
         return {impl: self._runner(model, phase) for impl, model in self.models.items()
@@ -313,15 +351,20 @@ class LayerCase:
     def _runner(self, model, phase):
         x, grad_y = self.x, self.grad_y
         grads = [x, *model.parameters()]
+
+        def forward():
+            with self.autocast():
+                return model(x)
+
         if phase == "forward":  # grad mode on, as in training: the graph is recorded, then dropped
-            return Runner(lambda: model(x))
+            return Runner(forward)
         if phase == "forward+backward":
-            return Runner(lambda: model(x).backward(grad_y), setup=lambda: _clear(grads))
+            return Runner(lambda: forward().backward(grad_y), setup=lambda: _clear(grads))
         out = []
 
         def setup():  # the forward whose backward the next call times
             _clear(grads)
-            out[:] = [model(x)]
+            out[:] = [forward()]
 
         return Runner(lambda: out.pop().backward(grad_y), setup=setup)
 
@@ -331,34 +374,42 @@ class NetCase:
     and an Adam per implementation and optimizer kind (made on first use; the optimizers of one
     implementation share its model). Serves the net, step and memory subjects."""
 
-    def __init__(self, shape, impls, device):
+    def __init__(self, shape, impls, device, dtype="float32"):
         from .models import DynamicNet
         from .reference import DynamicNet as StockNet
 
         N, D_in, H = shape
+        param_dtype, self.autocast = dtype_setup(dtype, device)
         torch.manual_seed(0)
-        base = StockNet(D_in, H, D_OUT, device=device)
+        base = StockNet(D_in, H, D_OUT, device=device, dtype=param_dtype)
         self.models, self.optimizers = {}, {}
         for impl in impls:
             if impl in LAYER_ONLY:
                 continue
             if impl in ("fused", "fused-layer"):
-                model = DynamicNet(D_in, H, D_OUT, device=device, fusion="network" if impl == "fused" else "layer")
+                model = DynamicNet(D_in, H, D_OUT, device=device, dtype=param_dtype,
+                                   fusion="network" if impl == "fused" else "layer")
                 model.load_state_dict(base.state_dict())
             elif impl == "stock":
                 model = copy.deepcopy(base)
             else:
                 model = _compiled(copy.deepcopy(base), impl)
             self.models[impl] = model
-        self.x = torch.randn(N, D_in, device=device)  # the seed's input: no grad
-        self.label = torch.randn(N, D_OUT, device=device)
-        self.grad_y = torch.randn(N, D_OUT, device=device)
+        self.x = torch.randn(N, D_in, device=device, dtype=param_dtype)  # the seed's input: no grad
+        self.label = torch.randn(N, D_OUT, device=device, dtype=param_dtype)
+        self.grad_y = torch.randn(N, D_OUT, device=device, dtype=getattr(torch, compute_dtype(dtype)))
         self.loss_fn = nn.MSELoss(reduction="sum")
 
     def net_runners(self, depth):
         def runner(model):
             params = list(model.parameters())
-            return Runner(lambda: model(self.x, depth).backward(self.grad_y), setup=lambda: _clear(params))
+
+            def run():
+                with self.autocast():
+                    out = model(self.x, depth)
+                out.backward(self.grad_y)
+
+            return Runner(run, setup=lambda: _clear(params))
 
         return {impl: runner(model) for impl, model in self.models.items()}
 
@@ -371,7 +422,8 @@ class NetCase:
     def step(self, impl, depth, optimizer=SEED_OPTIMIZER):
         """The seed's training step, in the seed's order (as dynnet_ext.cli.train runs it)."""
         model, opt = self.models[impl], self.optimizer(impl, optimizer)
-        loss = self.loss_fn(model(self.x, depth), self.label)
+        with self.autocast():
+            loss = self.loss_fn(model(self.x, depth), self.label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -488,21 +540,25 @@ def machine_info(device):
 
 # ----------------------------------------------------------------------------- run
 
-def _plan(subjects, shapes):
-    """Every row to measure, as (shape, subject, phase, depth), grouped by shape so each
-    shape's models are built (and compiled) once."""
+def _plan(subjects, shapes, dtypes=("float32",), layer_shapes=()):
+    """Every row to measure, as (shape, subject, phase, depth, dtype), grouped by shape and dtype
+    so each shape's models are built (and compiled) once per dtype. `layer_shapes`: shapes of the
+    layer subject only."""
     plan = []
-    for shape in shapes:
+    for shape, dtype in itertools.product(list(dict.fromkeys([*shapes, *layer_shapes])), dtypes):
+        main = shape in shapes
         if "layer" in subjects:
-            plan += [(shape, "layer", phase, None) for phase in LAYER_PHASES]
-        if "net" in subjects:
-            plan += [(shape, "net", "forward+backward", d) for d in DEPTHS]
-        if "step" in subjects:
-            plan.append((shape, "step", "train-step", STEP_DEPTHS))
+            plan += [(shape, "layer", phase, None, dtype) for phase in LAYER_PHASES]
+        if "net" in subjects and main:
+            plan += [(shape, "net", "forward+backward", d, dtype) for d in DEPTHS]
+        if "step" in subjects and main:
+            plan.append((shape, "step", "train-step", STEP_DEPTHS, dtype))
+        if dtype != "float32" or not main:
+            continue
         if "memory" in subjects:
-            plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH))
+            plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH, dtype))
         if "persample" in subjects and persample_bytes(shape) <= PERSAMPLE_MAX_BYTES:
-            plan += [(shape, "persample", "vmap-grad", d) for d in DEPTHS]
+            plan += [(shape, "persample", "vmap-grad", d, dtype) for d in DEPTHS]
     return plan
 
 
@@ -519,9 +575,9 @@ def _dims(subject, shape):
     return {"N": a, "D_in": b, "H": c, "D_out": D_OUT}
 
 
-def _row(subject, phase, shape, depth, impl, **fields):
+def _row(subject, phase, shape, depth, dtype, impl, **fields):
     row = {"subject": subject, "phase": phase, "shape": shape, "dims": _dims(subject, shape), "depth": depth,
-           "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
+           "dtype": dtype, "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
            "ratio_vs_seed": None, "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None,
            "gemm_flops": None, "gflops": None, "peak_fraction": None}
     row.update(fields)
@@ -550,20 +606,23 @@ def gemm_flops(subject, phase, shape, depth):
     return sum(net(d) for d in DEPTHS) / len(DEPTHS)
 
 
-def _with_rate(row, peak_gflops):
+def _with_rate(row, peaks):
+    """Adds the row's GEMM rate and its fraction of the peak of the dtype its GEMMs run in
+    (`peaks`: {"float32": ..., "bfloat16": ..., "float16": ...}, GFLOP/s)."""
     flops = gemm_flops(row["subject"], row["phase"], row["shape"], row["depth"])
     if flops is None or row["median_ms"] is None:
         return row
     rate = flops / (row["median_ms"] * 1e-3) / 1e9
-    row.update(gemm_flops=flops, gflops=rate, peak_fraction=rate / peak_gflops if peak_gflops else None)
+    peak = (peaks or {}).get(compute_dtype(row["dtype"]))
+    row.update(gemm_flops=flops, gflops=rate, peak_fraction=rate / peak if peak else None)
     return row
 
 
-def _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops=None):
+def _time_rows(runners, key, device, reps, warmup_s, target_s, peaks=None):
     """Rows of `runners` ({impl: Runner}, or {(phase, impl): Runner} where one measurement
     serves several phases: the step's optimizers), measured together. ratio_vs_stock is against
     stock in the same phase; step rows' ratio_vs_seed against the seed's step (stock, train-step)."""
-    subject, phase, shape, depth = key
+    subject, phase, shape, depth, dtype = key
     samples, iters = measure(runners, device, reps, warmup_s, target_s)
     samples = {name if isinstance(name, tuple) else (phase, name): ms for name, ms in samples.items()}
     medians = {name: statistics.median(ms) for name, ms in samples.items()}
@@ -571,10 +630,10 @@ def _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops=None)
     rows = []
     for (row_phase, impl), ms in samples.items():
         med, p20, p80 = summarize(ms)
-        rows.append(_with_rate(_row(subject, row_phase, shape, depth, impl, median_ms=med, p20_ms=p20, p80_ms=p80,
-                                    ratio_vs_stock=medians[(row_phase, "stock")] / med,
+        rows.append(_with_rate(_row(subject, row_phase, shape, depth, dtype, impl, median_ms=med, p20_ms=p20,
+                                    p80_ms=p80, ratio_vs_stock=medians[(row_phase, "stock")] / med,
                                     ratio_vs_seed=seed / med if seed else None,
-                                    reps=len(ms), iters_per_rep=iters, samples_ms=ms), peak_gflops))
+                                    reps=len(ms), iters_per_rep=iters, samples_ms=ms), peaks))
     return rows
 
 
@@ -621,20 +680,32 @@ def calibrate(device, quick):
     gflops = {name: flops / (statistics.median(ms) * 1e-3) / 1e9 for name, ms in samples.items()}
     best = max(gflops, key=gflops.get)
     # The hardware's side: a register-only FMA loop (no memory, no GEMM) per instruction set,
-    # on all threads at once. A GEMM can approach it, never pass it.
+    # on all threads at once, and vdpbf16ps's where the CPU has it. A GEMM can approach it, never
+    # pass it.
     fma = {}
+    peaks = {"float32": gflops[best]}
     if device == "cpu":
         from .ops import _C
         if _C is not None:
+            seconds = 0.05 if quick else 0.2
             for isa in _C.cpu_gemm_isas():
                 if isa != "aten":
-                    fma[isa] = _C.cpu_fma_peak_gflops(isa, torch.get_num_threads(), 0.05 if quick else 0.2)
+                    fma[isa] = _C.cpu_fma_peak_gflops(isa, torch.get_num_threads(), seconds)
+            if _C.cpu_gemm_kernels("bfloat16") == "avx512_bf16":
+                fma["avx512_bf16"] = _C.cpu_fma_peak_gflops("avx512_bf16", torch.get_num_threads(), seconds)
+            # The half types' ceilings: bfloat16 on vdpbf16ps where the engine runs it, else (and
+            # float16 always) converted to float32 on the FMA units.
+            engine_fma = {k: v for k, v in fma.items() if k != "avx512_bf16"}
+            if engine_fma:
+                fp32 = fma.get(_C.cpu_gemm_isa(), max(engine_fma.values()))
+                peaks["bfloat16"] = fma.get("avx512_bf16", fp32)
+                peaks["float16"] = fp32
     return {"shape": "x".join(map(str, CALIBRATION_SHAPE)), "gflops": gflops, "peak_gflops": gflops[best],
-            "best_engine": best, "fma_loop_gflops": fma}
+            "best_engine": best, "fma_loop_gflops": fma, "dtype_peak_gflops": peaks}
 
 
 def _memory_rows(case, key, device):
-    subject, _, shape, depth = key
+    subject, _, shape, depth, dtype = key
     for impl in case.models:  # compile, Adam state, lazy init happen here, not in the numbers
         for _ in range(2):
             case.step(impl, depth)
@@ -646,7 +717,8 @@ def _memory_rows(case, key, device):
         values = {impl: fn(impl, depth) for impl in case.models}
         for impl, value in values.items():
             ratio = values["stock"] / value if value else None
-            rows.append(_row(subject, phase, shape, depth, impl, memory_bytes=value, ratio_vs_stock=ratio, reps=1))
+            rows.append(_row(subject, phase, shape, depth, dtype, impl, memory_bytes=value, ratio_vs_stock=ratio,
+                             reps=1))
     return rows
 
 
@@ -676,6 +748,11 @@ def run(args):
     default_reps, warmup_s, target_ms = SETTINGS[mode]
     reps = args.reps or default_reps
     shapes = args.shapes or ([SEED_SHAPE] if args.quick else list(FULL_SHAPES))
+    layer_shapes = getattr(args, "layer_shapes", None)
+    if layer_shapes is None:
+        layer_shapes = [] if args.shapes or args.quick else list(TRANSFORMER_SHAPES)
+    layer_shapes = [s for s in layer_shapes if s not in shapes]
+    dtypes = list(getattr(args, "dtypes", None) or ["float32"])
     impls = [i for i in IMPLS if i in (args.impls or DEFAULT_IMPLS[device]) or i == "stock"]
     subjects = list(args.subjects)
     try:  # the seed's Adam, and the fused one where asked for (by default: where torch runs it)
@@ -695,8 +772,9 @@ def run(args):
             print(f"dynnet_ext bench: WARNING: no {device} kernels compiled; 'fused' runs the stock PyTorch "
                   "fallback, so its numbers say nothing about the kernels", file=sys.stderr)
         machine = machine_info(device)
-        config = {"device": device, "dtype": "float32", "quick": args.quick, "subjects": subjects, "impls": impls,
-                  "optimizers": optimizers, "shapes": shapes, "threads": threads, "reps": reps, "warmup_s": warmup_s,
+        config = {"device": device, "dtypes": dtypes, "quick": args.quick, "subjects": subjects, "impls": impls,
+                  "optimizers": optimizers, "shapes": shapes, "layer_shapes": layer_shapes, "threads": threads,
+                  "reps": reps, "warmup_s": warmup_s,
                   "target_rep_ms": target_ms, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         print(f"dynnet_ext bench: {device} ({machine['gpu'] or machine['cpu_model']}), {threads} threads, "
               f"torch {torch.__version__}, commit {(machine['git_commit'] or 'unknown')[:10]}"
@@ -711,8 +789,8 @@ def run(args):
         print(f"calibration GEMM {calibration['shape']}: " + ", ".join(
             f"{k} {v:.0f}" for k, v in calibration["gflops"].items()) + f" GFLOP/s; peak {calibration['peak_gflops']:.0f}",
             file=sys.stderr)
-        rows, errors = _run_plan(_plan(subjects, shapes), impls, device, reps, warmup_s, target_ms / 1e3,
-                                 calibration["peak_gflops"], optimizers)
+        rows, errors = _run_plan(_plan(subjects, shapes, dtypes, layer_shapes), impls, device, reps, warmup_s,
+                                 target_ms / 1e3, calibration["dtype_peak_gflops"], optimizers)
         config["duration_s"] = round(time.perf_counter() - t_start, 1)
     finally:
         torch.set_num_threads(old_threads)
@@ -720,7 +798,7 @@ def run(args):
             torch.compiler.reset()
 
     results = {"schema": SCHEMA, "machine": machine, "config": config, "calibration": calibration,
-               "rows": _sorted(rows, shapes), "errors": errors}
+               "rows": _sorted(rows, [*shapes, *layer_shapes], dtypes), "errors": errors}
     print(format_calibration(calibration))
     print(format_table(results["rows"]))
     print(f"done in {config['duration_s']} s" + (f", {len(errors)} rows FAILED (see above)" if errors else ""),
@@ -730,22 +808,22 @@ def run(args):
     return 1 if errors else 0
 
 
-def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None, optimizers=(SEED_OPTIMIZER,)):
+def _run_plan(plan, impls, device, reps, warmup_s, target_s, peaks=None, optimizers=(SEED_OPTIMIZER,)):
     """Measure every planned row. A row whose measurement raises is reported and recorded in
     `errors`, and the run goes on: one failing compile mode must not lose a long GPU run."""
     rows, errors, case, case_key = [], [], None, None
     width = len(str(len(plan)))
-    for n, (shape, subject, phase, depth) in enumerate(plan, 1):
-        label = f"{subject} {phase} {shape}" + ("" if depth is None else f" depth {depth}")
+    for n, (shape, subject, phase, depth, dtype) in enumerate(plan, 1):
+        label = f"{subject} {phase} {shape} {dtype}" + ("" if depth is None else f" depth {depth}")
         print(f"[{n:>{width}}/{len(plan)}] {label} ...", end="", file=sys.stderr, flush=True)
-        key = (subject, phase, shape, depth)
+        key = (subject, phase, shape, depth, dtype)
         try:
             kind = LayerCase if subject == "layer" else NetCase
-            if case_key != (kind, shape):
+            if case_key != (kind, shape, dtype):
                 case = case_key = None  # free the previous shape's models first
                 if any(i.startswith("compile") for i in impls):
                     torch.compiler.reset()  # fresh compile caches: each shape gets static graphs
-                case, case_key = kind(parse_shape(shape), impls, device), (kind, shape)
+                case, case_key = kind(parse_shape(shape), impls, device, dtype), (kind, shape, dtype)
             if subject == "memory":
                 new = _memory_rows(case, key, device)
             else:
@@ -753,27 +831,29 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peak_gflops=None, o
                            case.net_runners(depth) if subject == "net" else
                            case.persample_runners(depth) if subject == "persample" else
                            case.step_runners(optimizers))
-                new = _time_rows(runners, key, device, reps, warmup_s, target_s, peak_gflops)
+                new = _time_rows(runners, key, device, reps, warmup_s, target_s, peaks)
         except Exception as exc:  # noqa: BLE001 - recorded in results.json and the exit code
             message = f"{type(exc).__name__}: {exc}"
             print(f" FAILED: {message}", file=sys.stderr, flush=True)
-            errors.append({"subject": subject, "phase": phase, "shape": shape, "depth": depth, "error": message})
+            errors.append({"subject": subject, "phase": phase, "shape": shape, "depth": depth, "dtype": dtype,
+                           "error": message})
             continue
         rows += new
         print(" " + "  ".join(_progress(r) for r in new), file=sys.stderr, flush=True)
     return rows, errors
 
 
-def _sorted(rows, shapes):
-    """Subject-major order: subject, phase, depth, shape (as given), implementation."""
+def _sorted(rows, shapes, dtypes=DTYPES):
+    """Subject-major order: subject, phase, dtype, depth, shape (as given), implementation."""
     phases = [*LAYER_PHASES, *STEP_PHASES.values(), "saved-tensors", "peak-allocated", "vmap-grad"]
     return sorted(rows, key=lambda r: (SUBJECTS.index(r["subject"]), phases.index(r["phase"]),
-                                       str(r["depth"]), shapes.index(r["shape"]), IMPLS.index(r["impl"])))
+                                       list(dtypes).index(r["dtype"]), str(r["depth"]), shapes.index(r["shape"]),
+                                       IMPLS.index(r["impl"])))
 
 
 # ----------------------------------------------------------------------------- outputs
 
-TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "impl", "vs stock", "vs seed", "median", "p20-p80",
+TABLE_COLUMNS = ("subject", "phase", "depth", "shape", "dtype", "impl", "vs stock", "vs seed", "median", "p20-p80",
                  "GFLOP/s", "of peak", "iters x reps")
 
 
@@ -792,8 +872,8 @@ def _cells(row):
     depth = "-" if row["depth"] is None else str(row["depth"])
     rate = "" if row.get("gflops") is None else f"{row['gflops']:.1f}"
     share = "" if row.get("peak_fraction") is None else f"{100 * row['peak_fraction']:.0f}%"
-    return (row["subject"], row["phase"], depth, row["shape"], row["impl"], ratio, vs_seed, value, spread, rate, share,
-            count)
+    return (row["subject"], row["phase"], depth, row["shape"], row.get("dtype", "float32"), row["impl"], ratio,
+            vs_seed, value, spread, rate, share, count)
 
 
 def format_table(rows):
@@ -802,7 +882,7 @@ def format_table(rows):
     groups of one subject and phase."""
     cells = [TABLE_COLUMNS] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
-    right = set(range(5, len(TABLE_COLUMNS)))
+    right = set(range(6, len(TABLE_COLUMNS)))
     lines, prev = [], None
     for i, c in enumerate(cells):
         group = c[:2]
@@ -815,18 +895,25 @@ def format_table(rows):
 
 
 def format_calibration(calibration):
-    """One line: the calibration GEMM's rate per engine and the peak the rows are measured against."""
+    """One line: the calibration GEMM's rate per engine, the register-only ceilings, and the peak
+    each dtype's rows are measured against."""
     rates = ", ".join(f"{name} {rate:.0f}" for name, rate in calibration["gflops"].items())
     fma = ", ".join(f"{isa} {rate:.0f}" for isa, rate in calibration.get("fma_loop_gflops", {}).items())
+    half = {k: v for k, v in calibration.get("dtype_peak_gflops", {}).items() if k != "float32"}
+    bf16_note = ("" if "avx512_bf16" in calibration.get("fma_loop_gflops", {}) else
+                 " (no vdpbf16ps on this CPU: bfloat16 runs converted to float32, at the FMA loop's ceiling)")
     return (f"Machine peak: {calibration['peak_gflops']:.0f} GFLOP/s ({calibration['best_engine']}, float32 GEMM "
             f"{calibration['shape']} on all threads; engines: {rates} GFLOP/s" +
-            (f"; register-only FMA loop: {fma} GFLOP/s" if fma else "") +
-            "). GFLOP/s columns count the GEMMs' multiply-adds only; % of peak is against the GEMM peak.")
+            (f"; register-only loops: {fma} GFLOP/s" if fma else "") + "). " +
+            ("Half-type ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in half.items()) + " GFLOP/s"
+             + (bf16_note if "bfloat16" in half else "") + ". " if half else "") +
+            "GFLOP/s columns count the GEMMs' multiply-adds only; % of peak is against the GEMM peak for float32 "
+            "rows and against the dtype's ceiling for the others (autocast-bfloat16: bfloat16's).")
 
 
 def format_markdown(rows):
     """The same table in Markdown (for benchmarks/results/README.md)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 5 + "--:|" * (len(TABLE_COLUMNS) - 5)]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 6 + "--:|" * (len(TABLE_COLUMNS) - 6)]
     lines += ["| " + " | ".join(c or " " for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -880,21 +967,24 @@ def plot_speedup(results, path):
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import NullLocator
 
-    rows, shapes = results["rows"], results["config"]["shapes"]
-    panels = list(dict.fromkeys((r["subject"], r["phase"], r["depth"]) for r in rows))
+    rows = results["rows"]
+    layer_shapes = [*results["config"]["shapes"], *results["config"].get("layer_shapes", [])]
+    panels = list(dict.fromkeys((r["subject"], r["phase"], r["depth"], r.get("dtype", "float32")) for r in rows))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (subject, phase, depth) in zip(axes, panels):
+    for ax, (subject, phase, depth, dtype) in zip(axes, panels):
+        shapes = layer_shapes if subject == "layer" else results["config"]["shapes"]
         vs_seed = subject == "step" and any(r.get("ratio_vs_seed") for r in rows)  # schema < 3: none
         ratio = "ratio_vs_seed" if vs_seed else "ratio_vs_stock"
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="the seed's step" if vs_seed else "stock")
         for impl in IMPLS:
             if impl == "stock" and not (vs_seed and phase != STEP_PHASES[SEED_OPTIMIZER]):
                 continue  # the baseline itself
-            points = {r["shape"]: r for r in rows if (r["subject"], r["phase"], r["depth"], r["impl"])
-                      == (subject, phase, depth, impl) and r.get(ratio) is not None}
+            points = {r["shape"]: r for r in rows if (r["subject"], r["phase"], r["depth"], r.get("dtype", "float32"),
+                                                      r["impl"]) == (subject, phase, depth, dtype, impl)
+                      and r.get(ratio) is not None}
             if not points:
                 continue
             xs = [i for i, s in enumerate(shapes) if s in points]
@@ -906,7 +996,7 @@ def plot_speedup(results, path):
                 lo = [y - y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p80_ms"] for i, y in zip(xs, ys)]
                 hi = [y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p20_ms"] - y for i, y in zip(xs, ys)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=impl, color=color)
-        ax.set_title(_panel_title(subject, phase, depth), fontsize=10)
+        ax.set_title(_panel_title(subject, phase, depth) + ("" if dtype == "float32" else f", {dtype}"), fontsize=10)
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")  # ratios: 2x faster and 2x slower lie equally far from 1
         low, high = ax.get_ylim()

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import dynnet_ext
 from conftest import CPU_GEMM_ISAS
 from dynnet_ext import bench
 from dynnet_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "impl", "median_ms", "p20_ms", "p80_ms",
-            "ratio_vs_stock", "ratio_vs_seed", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops", "gflops",
+ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "dtype", "impl", "median_ms", "p20_ms", "p80_ms",
+            "ratio_vs_stock", "ratio_vs_seed", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops",
+            "gflops",
             "peak_fraction"}
 MACHINE_KEYS = {"date", "cpu_model", "cpu_count", "torch_threads", "torch_version", "cuda_version", "gpu",
                 "build_info", "fused_kernels", "git_commit"}
@@ -54,8 +56,15 @@ def test_quick_schema(quick):
     assert {"torch.mm", "onednn"} <= set(cal["gflops"])
     assert {f"dynnet-{isa}" for isa in CPU_GEMM_ISAS if isa != "aten"} <= set(cal["gflops"])
     assert cal["peak_gflops"] == max(cal["gflops"].values()) == cal["gflops"][cal["best_engine"]] > 0
-    assert set(cal["fma_loop_gflops"]) == {isa for isa in CPU_GEMM_ISAS if isa != "aten"}
+    bf16_loop = {"avx512_bf16"} if dynnet_ext.ops._C.cpu_gemm_kernels("bfloat16") == "avx512_bf16" else set()
+    assert set(cal["fma_loop_gflops"]) == {isa for isa in CPU_GEMM_ISAS if isa != "aten"} | bf16_loop
     assert all(rate > 0 for rate in cal["fma_loop_gflops"].values())
+    # Each dtype's ceiling: float32 the GEMM peak, bfloat16 vdpbf16ps's loop where the engine runs
+    # it (else the FMA loop's, as float16's).
+    peaks = cal["dtype_peak_gflops"]
+    fma = cal["fma_loop_gflops"][dynnet_ext.ops._C.cpu_gemm_isa()]
+    assert peaks == {"float32": cal["peak_gflops"], "bfloat16": cal["fma_loop_gflops"].get("avx512_bf16", fma),
+                     "float16": fma}
 
 
 def test_quick_gflops(quick):
@@ -141,6 +150,63 @@ def test_persample_quick_rows(tmp_path):
         assert set(row) == ROW_KEYS and row["ratio_vs_stock"] > 0 and 0 < row["p20_ms"] <= row["p80_ms"]
 
 
+def test_plan_dtypes_and_transformer_shapes():
+    # The dtype dimension covers layer, net and step; memory and persample stay float32; the
+    # transformer widths are the layer's only.
+    plan = bench._plan(list(bench.SUBJECTS), [bench.SEED_SHAPE], list(bench.DTYPES), ["512x768x3072"])
+    by = {}
+    for shape, subject, phase, depth, dtype in plan:
+        by.setdefault((shape, subject), set()).add(dtype)
+    for subject in bench.DTYPE_SUBJECTS:
+        assert by[(bench.SEED_SHAPE, subject)] == set(bench.DTYPES)
+    assert by[(bench.SEED_SHAPE, "memory")] == by[(bench.SEED_SHAPE, "persample")] == {"float32"}
+    assert {s for s, _ in by if s == "512x768x3072"} and {sub for s, sub in by if s == "512x768x3072"} == {"layer"}
+    assert len(plan) == len(set(plan))
+
+
+@pytest.mark.parametrize("dtype", bench.DTYPES[1:])
+def test_dtype_cases_run_in_their_dtype(dtype):
+    # Parameters and input in the dtype, or float32 parameters with a bfloat16 forward under
+    # autocast; the fused model's results match stock's within the dtype's rounding.
+    param = torch.float32 if dtype.startswith("autocast") else getattr(torch, dtype)
+    out_dtype = getattr(torch, bench.compute_dtype(dtype))
+    layer = bench.LayerCase((16, 40, 24), ["fused", "stock"], "cpu", dtype)
+    outs = {}
+    for impl, model in layer.models.items():
+        assert all(p.dtype == param for p in model.parameters()) and layer.x.dtype == param
+        outs[impl] = layer.runners("forward")[impl].fn()
+        assert outs[impl].dtype == out_dtype
+        runner = layer.runners("forward+backward")[impl]
+        runner.setup()
+        runner.fn()
+        assert all(p.grad.dtype == param for p in model.parameters())
+    torch.testing.assert_close(outs["fused"], outs["stock"], atol=0.1, rtol=0.05)
+    net = bench.NetCase((8, 30, 20), ["fused", "stock"], "cpu", dtype)
+    for impl in net.models:
+        net.step(impl, 2)
+        assert all(p.dtype == param and p.grad.dtype == param for p in net.models[impl].parameters())
+
+
+def test_dtype_rows_quick(tmp_path):
+    # A quick run of the dtype rows: every row carries its dtype and its share of that dtype's
+    # ceiling, and the fused kernels ran.
+    out = tmp_path / "dt"
+    before = dynnet_ext.kernel_calls()["cpu"]["linear_relu_backward"]
+    assert main(["bench", "--quick", "--subjects", "layer,step", "--dtypes", "bfloat16,autocast-bfloat16,float16",
+                 "--impls", "fused", "--reps", "2", "--out", str(out), "--no-plot"]) == 0
+    assert dynnet_ext.kernel_calls()["cpu"]["linear_relu_backward"] > before
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == [] and res["config"]["dtypes"] == ["bfloat16", "autocast-bfloat16", "float16"]
+    peaks = res["calibration"]["dtype_peak_gflops"]
+    keys = {(r["subject"], r["phase"], r["dtype"], r["impl"]) for r in res["rows"]}
+    # fused and stock; three dtypes; the layer's three phases and a step phase per optimizer
+    assert len(keys) == len(res["rows"]) == 2 * 3 * (len(bench.LAYER_PHASES) + len(res["config"]["optimizers"]))
+    for row in res["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["peak_fraction"] == pytest.approx(row["gflops"] / peaks[bench.compute_dtype(row["dtype"])])
+    assert "autocast-bfloat16" in (out / "results.md").read_text()
+
+
 def test_persample_skips_shapes_too_big():
     # N copies of the parameters: the default sweep's two largest shapes are left out.
     plan = bench._plan(["persample"], list(bench.FULL_SHAPES))
@@ -194,7 +260,11 @@ def test_bad_shapes_rejected(text):
 
 def test_options_parse():
     parser = bench.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--shapes", "64x1000x100, 8x4x2", "--subjects", "step,layer", "--impls", "compile,fused"])
+    assert parser.parse_args([]).dtypes == ["float32"]
+    args = parser.parse_args(["--shapes", "64x1000x100, 8x4x2", "--subjects", "step,layer", "--impls", "compile,fused",
+                              "--dtypes", "float16,float32"])
+    assert args.dtypes == ["float32", "float16"]  # canonical order
+    assert args.layer_shapes is None and parser.parse_args(["--layer-shapes", "8x4x2"]).layer_shapes == ["8x4x2"]
     assert args.shapes == ["64x1000x100", "8x4x2"]
     assert args.subjects == ["layer", "step"]  # canonical order
     assert args.impls == ["fused", "compile"]

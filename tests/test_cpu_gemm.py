@@ -144,6 +144,47 @@ def forward_backward_fixed(x, w, b):
     return [y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])]
 
 
+# Half-type backward shapes that reach each path of the layer backward: ATen below two row tiles
+# (5 rows); the engine with one row block, A packed row-major (grad_x) and column-major
+# (grad_weight); a long reduction (K = 3001 for grad_x: packed A blocks shorter than 96 rows) with
+# several row blocks (200 rows); panel edges (N = 65, 130); a transformer MLP's widths, smaller.
+HALF_BACKWARD_SHAPES = [(5, 40, 30), (13, 64, 65), (200, 130, 3001), (64, 1000, 100), (96, 192, 768), (96, 768, 192)]
+
+
+@pytest.mark.parametrize("shape", HALF_BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_backward_against_float32_stock(shape, dtype, cpu_gemm_isa):
+    # The backward in a half type on 1 and 2 threads: the same bits on both, and within the
+    # dtype's rounding of float32 stock computed from the same half-type inputs (fp32
+    # accumulation, one rounding of each output).
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    gy = torch.randn(m, n, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = OPS.linear_relu(x, w, b, "relu")
+            results.append([y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    y, gx, gw, gb = results[0]
+    xr, wr, br = (t.float().requires_grad_() for t in (x, w, b))
+    yr = torch.relu(torch.nn.functional.linear(xr, wr, br))
+    yr.backward(torch.where(y.float() > 0, gy.float(), 0.0))  # the same mask (y rounded to the dtype)
+    atol, rtol = tol(dtype).values()
+    for got, want in ((y, yr), (gx, xr.grad), (gw, wr.grad), (gb, br.grad)):
+        # Outputs are rounded once to the dtype: a few of its ulps at the output's magnitude.
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.detach(), atol=atol * max(scale, 1.0), rtol=rtol)
+
+
 def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:

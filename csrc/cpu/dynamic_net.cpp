@@ -213,9 +213,18 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
       const auto [u0, u1] = share(H, t, T);
       const auto [o0, o1] = share(D_out, t, T);
       const scalar_t* Gp = need_g ? G.const_data_ptr<scalar_t>() : nullptr;
-      if (need[kBIn] && u1 > u0) column_sums(Gp, H, M, u0, u1, gb_in.data_ptr<scalar_t>() + u0);
-      if (hidden && need[kBH] && u1 > u0) column_sums(Gp + M * H, H, depth * M, u0, u1, gb_h.data_ptr<scalar_t>() + u0);
-      if (need[kBOut] && o1 > o0) column_sums(go.const_data_ptr<scalar_t>(), D_out, M, o0, o1, gb_out.data_ptr<scalar_t>() + o0);
+      // The half types' bias sums on the engine's vector kernel: the same fp32 sums over the rows
+      // in order as column_sums, which c10::Half's scalar conversions keep from vectorising.
+      const auto sums = [&](const scalar_t* g, int64_t ld, int64_t rows, int64_t c0, int64_t c1, scalar_t* out) {
+        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+          column_sums(g, ld, rows, c0, c1, out);
+        } else {
+          k->column_sums(gemm::dtype_of(x2.scalar_type()), g, ld, nullptr, 0, rows, c0, c1, out);
+        }
+      };
+      if (need[kBIn] && u1 > u0) sums(Gp, H, M, u0, u1, gb_in.data_ptr<scalar_t>() + u0);
+      if (hidden && need[kBH] && u1 > u0) sums(Gp + M * H, H, depth * M, u0, u1, gb_h.data_ptr<scalar_t>() + u0);
+      if (need[kBOut] && o1 > o0) sums(go.const_data_ptr<scalar_t>(), D_out, M, o0, o1, gb_out.data_ptr<scalar_t>() + o0);
     });
     gemm::run_phases(T, phases);
   });

@@ -2,9 +2,10 @@
 //
 // C (M, N) = epilogue(A (M, K) @ B (K, N)), fp32 accumulation (float32, bfloat16, float16;
 // float64 stays with ATen's BLAS). BLIS-style: B is packed into panels of NR columns (k-major,
-// zero-padded), A is read where it lies (strided broadcasts) or packed MR rows at a time when it
-// must be converted or masked, and a register-blocked micro-kernel (gemm_kernel.h) computes an
-// MR x NR tile, applying the epilogue (bias, ReLU, ReLU's backward mask, rounding) in its store.
+// zero-padded), A is read where it lies (strided broadcasts) or packed a block of rows at a time
+// when it must be converted or masked (the half types: once per block, all of K), and a
+// register-blocked micro-kernel (gemm_kernel.h) computes an MR x NR tile, applying the epilogue
+// (bias, ReLU, ReLU's backward mask, rounding) in its store.
 //
 // Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
 // machines are, float32): MKL, which torch.mm and stock nn.Linear use, runs the seed's input
@@ -375,10 +376,17 @@ void compute(const Kernels* k, const Problem& p, const PackedB& b, const Rect& r
 }
 
 double fma_peak_gflops(const std::string& name, int64_t threads, double seconds) {
-  const Isa isa = parse_isa(name);
-  TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
-              c10::Join(", ", available_isas()));
-  const Kernels* k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  const Kernels* k = nullptr;
+  if (name == "avx512_bf16") {  // the bfloat16 ceiling: vdpbf16ps, two multiply-adds per lane
+    TORCH_CHECK(cpu_has(kAvx512) && has_avx512_bf16(), "dynnet: no avx512_bf16 (vdpbf16ps) loop on this CPU (or ",
+                "build): bfloat16 runs converted to float32 there, at the FMA loop's ceiling");
+    k = avx512bf16_kernels();
+  } else {
+    const Isa isa = parse_isa(name);
+    TORCH_CHECK(isa != kAten && cpu_has(isa), "dynnet: no ", name, " FMA loop on this CPU (or build); available: ",
+                c10::Join(", ", available_isas()), ", and avx512_bf16 where the CPU has it");
+    k = isa == kAvx512 ? avx512_kernels() : avx2_kernels();
+  }
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
   std::vector<double> rate(T, 0.0);
   // Each thread's own CPU time: the rate of the cores themselves, unaffected by other processes

@@ -106,9 +106,10 @@ inline void compute_rows(const Kernels* k, const Problem& p, const PackedB& b, i
 // count (no split changes an element's sum).
 void run(const Kernels* k, const std::vector<const Problem*>& problems);
 
-// The FMA ceiling of the engine `isa` (avx512 or avx2) on `threads` threads, in GFLOP/s: a
-// register-only FMA loop run for about `seconds` of CPU time on each thread at once, each
-// thread's rate from its own CPU time (so other processes on the cores do not lower it).
+// The FMA ceiling of the engine `isa` (avx512 or avx2; avx512_bf16: the vdpbf16ps ceiling of
+// bfloat16) on `threads` threads, in GFLOP/s: a register-only loop run for about `seconds` of
+// CPU time on each thread at once, each thread's rate from its own CPU time (so other processes
+// on the cores do not lower it).
 double fma_peak_gflops(const std::string& isa, int64_t threads, double seconds);
 
 // Tasks worth running for `flops` of work on the current thread count (1 inside a parallel

@@ -85,13 +85,18 @@ struct Kernels {
   // each element's sum does not depend on the rectangle.
   int64_t dot_mr, dot_nr, dot_kc;
   void (*dot)(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
-  // FLOPs of `iters` rounds of 2 x MR x NVMAX independent register FMAs (no memory): the core's
-  // FMA ceiling, to tell a kernel's speed from the hardware's.
+  // FLOPs of `iters` rounds of 2 x MR x NVMAX (at most 24) independent register products of the
+  // table's own instruction (no memory): FMA, or vdpbf16ps for avx512_bf16 (two multiply-adds
+  // per lane) - the core's ceiling, to tell a kernel's speed from the hardware's.
   double (*fma_loop)(int64_t iters);
   // Whether `compute` runs the Direct form (float32 B read where it lies) well enough to offer
   // it: AVX-512's 64-float panel rows are four whole cache lines; AVX2's 16-float ones are one,
   // and strided reads of them lose to packing (gemm.cpp's choose_form).
   bool direct;
+  // out[j - c0] = sum over rows (in order, fp32) of g(i, j), masked by ReLU's backward where y
+  // is not null, for columns [c0, c1), rounded once to the dtype: a half-type grad_bias.
+  void (*column_sums)(DType dtype, const void* g, int64_t ld, const void* y, int64_t y_ld, int64_t rows, int64_t c0,
+                      int64_t c1, void* out);
 };
 
 // Defined by the ISA units; each returns nullptr when built without support for its ISA.

@@ -13,10 +13,17 @@
 
 #include "gemm_api.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(DYNNET_CPU_HARNESS)  // tests only: AVX-512 emulated on any x86-64 CPU (tests/cpu_harness.py)
+#include "harness/avx512.h"
+#define DYNNET_AVX512_UNIT
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")
 #include <immintrin.h>
+#define DYNNET_AVX512_UNIT
+#endif
+
+#if defined(DYNNET_AVX512_UNIT)
 
 namespace dynnet {
 namespace gemm {
@@ -31,7 +38,9 @@ const Kernels* avx512_kernels() { return make_kernels<Avx512>("avx512"); }
 
 }  // namespace gemm
 }  // namespace dynnet
+#if !defined(DYNNET_CPU_HARNESS)
 #pragma GCC pop_options
+#endif
 
 #else
 namespace dynnet::gemm {

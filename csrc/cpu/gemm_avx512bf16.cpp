@@ -13,10 +13,17 @@
 
 #include "gemm_api.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(DYNNET_CPU_HARNESS)  // tests only: AVX-512 emulated on any x86-64 CPU (tests/cpu_harness.py)
+#include "harness/avx512.h"
+#define DYNNET_AVX512_UNIT
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 #include <immintrin.h>
+#define DYNNET_AVX512_UNIT
+#endif
+
+#if defined(DYNNET_AVX512_UNIT)
 
 namespace dynnet {
 namespace gemm {
@@ -30,6 +37,20 @@ struct Avx512Bf16 : Avx512 {
   static V bcast(const Word* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(*p))); }
   static V loadw(const Word* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
   static V dot(V a, V b, V acc) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  // Packing k-pairs (gemm_kernel.h's pack_a_pairs, pack_b_pairs). A bfloat16 is the high half
+  // of its float32, so lo/hi give a word's two elements as float32 (for the ReLU mask) and pair
+  // puts two such vectors' elements back into words, bit for bit.
+  static V load_pairs(const bf16_t* p, int n) {  // n <= 2 W elements as W words, zero past n
+    const __mmask32 m = n >= 2 * W ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u);
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, p));
+  }
+  static V lo(V w) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(w), 16)); }
+  static V hi(V w) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(w), _mm512_set1_epi32(int(0xffff0000u)))); }
+  static V pair(V l, V h) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(l), 16),
+                                               _mm512_castps_si512(hi(h))));
+  }
+  static void storew(Word* p, V v, int n) { store(reinterpret_cast<float*>(p), v, n); }
 };
 
 #include "gemm_kernel.h"
@@ -57,13 +78,15 @@ void compute(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t
 const Kernels* avx512bf16_kernels() {
   static const Kernels k{"avx512_bf16", Avx512Bf16::MR, Avx512Bf16::NR, &kc,      &packed_bytes, &scratch,
                          &pack,         &compute,        Avx512::DR,     Avx512::DC, Avx512::DKC,   &dot_rect<Avx512>,
-                         &fma_loop<Avx512>, Avx512::DIRECT};
+                         &fma_loop<Avx512Bf16>, Avx512::DIRECT, &column_sums_any<Avx512>};
   return &k;
 }
 
 }  // namespace gemm
 }  // namespace dynnet
+#if !defined(DYNNET_CPU_HARNESS)
 #pragma GCC pop_options
+#endif
 
 #else
 namespace dynnet::gemm {

@@ -11,15 +11,21 @@
 //   A is broadcast one element at a time (the "broadcast A, vector B" form that fits a row-major
 //   C with bias along the row: the bias is one vector per column block).
 //
-// Loop nest of a task (rows [r0, r1) x panels [p0, p1)):
+// Loop nest of a task (rows [r0, r1) x panels [p0, p1)), float32:
 //   for each chunk of panels that fits L2  (B-block kc x chunk stays in L2 across row tiles)
-//     for each K-block q                   (float32: kc rows; half types: all of K, so C is
-//                                           rounded once from registers)
-//       for each row tile of MR rows       (A's MR x kc sliver stays in L1 across panels)
-//         for each panel in the chunk      -> micro-kernel
+//     for each K-block q of kc rows
+//       for each block of MC rows          (A packed here when it must be converted or masked)
+//         for each row tile of MR rows     (A's MR x kc sliver stays in L1 across panels)
+//           for each panel in the chunk    -> micro-kernel
 // float32 K-blocks after the first add into C (fp32), so each C element's sum runs over k in
 // the same order with the same grouping whatever the tile or task: bitwise identical results
 // for any split of the work and any thread count.
+// Half types (float16, bfloat16): all of K in one block, so C is rounded once from registers:
+//   for each block of rows whose packed A fits a quarter of L2   (A packed once, here)
+//     for each chunk of panels that fits L2  (one panel when K is long)
+//       for each row tile of MR rows
+//         for each panel in the chunk      -> micro-kernel
+// Each element is again one sum over all of k in one order, whatever the split.
 
 // Vector traits for one ISA: V holds W floats. Partial vectors (n < W valid lanes) only occur
 // at the right edge of C (the last panel) and are loaded/stored with masks.
@@ -103,7 +109,10 @@ size_t packed_b_bytes(DType dtype, int64_t K, int64_t N) {
 }
 
 // bfloat16 pairs for vdpbf16ps (KPACK == 2): word (kk, j) holds B(2 kk, j) in its low half and
-// B(2 kk + 1, j) in its high half; zero past K and N. All of K in one block (half types).
+// B(2 kk + 1, j) in its high half; zero past K and N. All of K in one block (half types). B's
+// rows contiguous (the backward's W and x): two rows interleaved a vector at a time. B = W^T
+// with W's rows contiguous (the forward) and K even: word (kk, j) is W's 32-bit word (j, kk), so
+// the panel is W's words transposed, W x W at a time. Other strides: element by element.
 template <class I>
 void pack_b_pairs(const Problem& p, uint32_t* dst, int64_t p0, int64_t p1) {
   const uint16_t* src = static_cast<const uint16_t*>(p.b.p);
@@ -111,6 +120,27 @@ void pack_b_pairs(const Problem& p, uint32_t* dst, int64_t p0, int64_t p1) {
   for (int64_t q = p0; q < p1; ++q) {
     const int64_t j0 = q * I::NR, w = std::min<int64_t>(I::NR, N - j0), width = panel_width<I>(N, q);
     uint32_t* panel = dst + kk_n * j0;
+    if (cs == 1) {
+      for (int64_t kk = 0; kk < kk_n; ++kk) {
+        const bf16_t* lo = reinterpret_cast<const bf16_t*>(src + 2 * kk * rs + j0);
+        const bf16_t* hi = 2 * kk + 1 < K ? lo + rs : nullptr;
+        for (int64_t j = 0; j < width; j += I::W) {
+          const int n = static_cast<int>(std::clamp<int64_t>(w - j, 0, I::W));
+          const typename I::V v = n == 0 ? I::zero() : I::pair(I::load(lo + j, n), hi ? I::load(hi + j, n) : I::zero());
+          I::storew(panel + kk * width + j, v, I::W);
+        }
+      }
+      continue;
+    }
+    if (rs == 1 && K % 2 == 0 && cs % 2 == 0) {
+      const float* words = reinterpret_cast<const float*>(src);  // W's 32-bit words, moved as they are
+      for (int64_t j = 0; j < width; j += I::W)
+        for (int64_t kk = 0; kk < kk_n; kk += I::W)
+          I::transpose_block(words + (j0 + j) * (cs / 2) + kk, cs / 2, reinterpret_cast<float*>(panel + kk * width + j),
+                             width, static_cast<int>(std::clamp<int64_t>(w - j, 0, I::W)),
+                             static_cast<int>(std::min<int64_t>(I::W, kk_n - kk)));
+      continue;
+    }
     for (int64_t kk = 0; kk < kk_n; ++kk) {
       const uint16_t* lo = src + 2 * kk * rs + j0 * cs;
       const uint16_t* hi = 2 * kk + 1 < K ? lo + rs : nullptr;
@@ -145,28 +175,15 @@ void pack_b_panels(const Problem& p, void* dst_, int64_t p0, int64_t p1) {
 // sliver the micro-kernel reads through strides; returns them (rs, cs). The layout follows the
 // source so that both sides stay contiguous and the copy runs on vectors: a row-major A (grad_y
 // in grad_x = g @ W) gives rows of kcb, a column-major A (grad_y.T in grad_W = g.T @ x) gives
-// MR-wide columns. bfloat16 k-pairs (KPACK 2): word (kk, i) = A(i, 2 kk) | A(i, 2 kk + 1) << 16.
+// MR-wide columns.
 template <class I, typename T>
 std::pair<int64_t, int64_t> pack_a_sliver(const Problem& p, int64_t i0, int R, int64_t k0, int64_t kcb, void* dst_) {
   const T* a = static_cast<const T*>(p.a.p);
   const T* m = static_cast<const T*>(p.a_mask_y.p);
   const View& av = p.a;
   const View& mv = p.a_mask_y;
-  if constexpr (I::KPACK == 2) {
-    uint32_t* dst = static_cast<uint32_t*>(dst_);
-    const auto bits = [&](const T* ar, const T* mr, int64_t k) -> uint32_t {
-      if (k >= kcb || (m && to_f32(mr[k * mv.cs]) <= 0.f)) return 0;
-      return ar[k * av.cs].x;
-    };
-    for (int i = 0; i < R; ++i) {
-      const T* ar = a + (i0 + i) * av.rs + k0 * av.cs;
-      const T* mr = m ? m + (i0 + i) * mv.rs + k0 * mv.cs : nullptr;
-      for (int64_t kk = 0; kk < (kcb + 1) / 2; ++kk)
-        dst[kk * I::MR + i] = bits(ar, mr, 2 * kk) | bits(ar, mr, 2 * kk + 1) << 16;
-    }
-    return {1, I::MR};
-  } else {
-    float* dst = static_cast<float*>(dst_);
+  float* dst = static_cast<float*>(dst_);
+  {
     if (av.cs == 1 && (!m || mv.cs == 1)) {  // rows along k
       for (int i = 0; i < R; ++i) {
         const T* ar = a + (i0 + i) * av.rs + k0;
@@ -200,16 +217,84 @@ std::pair<int64_t, int64_t> pack_a_sliver(const Problem& p, int64_t i0, int R, i
   }
 }
 
-// The slivers of rows [ib, ie) (row tiles of MR, the last maybe shorter), tile t's at
-// dst + t * MR * kcw words; returns the slivers' (rs, cs). A column-major A is read k by k across
-// the whole block (one contiguous run of source per k instead of a few elements of each of kcb
-// cache lines per tile, which thrash L1 when the source's row stride is a large power of 2).
+// Where pack_a_block put a block of A: the tile whose first row is the block's row r starts at
+// dst + r * row, and A(i, k) of the tile is at [i * rs + k * cs] from there (in words).
+struct ABlock {
+  int64_t rs, cs, row;
+};
+
+// bfloat16 k-pairs (KPACK 2) of A's rows [ib, ie) x columns [k0, k0 + kcb), masked when the
+// problem says so: word (i, kk) = A(i, k0 + 2 kk) | A(i, k0 + 2 kk + 1) << 16, zero past kcb.
+// A row-major A (the forward's x, grad_x's grad_y) holds these words already: rows of them are
+// copied (masked) a vector at a time. A column-major A (grad_W's grad_y^T) pairs two of its
+// columns a vector of the block's rows at a time, into kcw columns of the block's height (the
+// tiles' slivers side by side). Other strides: element by element, into rows.
+// ReLU's backward mask on the words v from the words y of the same k-pairs, each half on its own.
+template <class I>
+typename I::V mask_pairs(typename I::V y, typename I::V v) {
+  return I::pair(I::mask_le0(I::lo(y), I::lo(v)), I::mask_le0(I::hi(y), I::hi(v)));
+}
+
+template <class I>
+ABlock pack_a_pairs(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_t kcb, uint32_t* dst) {
+  using V = typename I::V;
+  const bf16_t* a = static_cast<const bf16_t*>(p.a.p);
+  const bf16_t* m = static_cast<const bf16_t*>(p.a_mask_y.p);
+  const View& av = p.a;
+  const View& mv = p.a_mask_y;
+  const int64_t kcw = (kcb + 1) / 2, h = ie - ib;
+  if (av.cs == 1 && (!m || mv.cs == 1)) {
+    for (int64_t i = ib; i < ie; ++i) {
+      const bf16_t* ar = a + i * av.rs + k0;
+      const bf16_t* mr = m ? m + i * mv.rs + k0 : nullptr;
+      for (int64_t k = 0; k < kcb; k += 2 * I::W) {
+        const int n = static_cast<int>(std::min<int64_t>(2 * I::W, kcb - k));  // elements: n / 2 words, rounded up
+        V v = I::load_pairs(ar + k, n);
+        if (m) v = mask_pairs<I>(I::load_pairs(mr + k, n), v);
+        I::storew(dst + (i - ib) * kcw + k / 2, v, (n + 1) / 2);
+      }
+    }
+    return {kcw, 1, kcw};
+  }
+  if (av.rs == 1 && (!m || mv.rs == 1)) {
+    for (int64_t kk = 0; kk < kcw; ++kk) {
+      const bool has_hi = 2 * kk + 1 < kcb;
+      const bf16_t* lo = a + (k0 + 2 * kk) * av.cs;
+      const bf16_t* ml = m ? m + (k0 + 2 * kk) * mv.cs : nullptr;
+      for (int64_t i = ib; i < ie; i += I::W) {
+        const int n = static_cast<int>(std::min<int64_t>(I::W, ie - i));
+        V l = I::load(lo + i, n), u = has_hi ? I::load(lo + av.cs + i, n) : I::zero();
+        if (m) {
+          l = I::mask_le0(I::load(ml + i, n), l);
+          if (has_hi) u = I::mask_le0(I::load(ml + mv.cs + i, n), u);
+        }
+        I::storew(dst + kk * h + (i - ib), I::pair(l, u), n);
+      }
+    }
+    return {1, h, 1};
+  }
+  for (int64_t i = ib; i < ie; ++i) {  // any other strides, element by element
+    const bf16_t* ar = a + i * av.rs + k0 * av.cs;
+    const bf16_t* mr = m ? m + i * mv.rs + k0 * mv.cs : nullptr;
+    const auto bits = [&](int64_t k) -> uint32_t {
+      return k >= kcb || (m && to_f32(mr[k * mv.cs]) <= 0.f) ? 0u : ar[k * av.cs].x;
+    };
+    for (int64_t kk = 0; kk < kcw; ++kk) dst[(i - ib) * kcw + kk] = bits(2 * kk) | bits(2 * kk + 1) << 16;
+  }
+  return {kcw, 1, kcw};
+}
+
+// A's rows [ib, ie) x columns [k0, k0 + kcb), converted (fp32, or bfloat16 k-pairs) and masked,
+// for the micro-kernel; returns where it put them. fp32: a sliver per row tile (pack_a_sliver),
+// tile t's at dst + t * MR * kcw words; a column-major A is read k by k across the whole block
+// (one contiguous run of source per k instead of a few elements of each of kcb cache lines per
+// tile, which thrash L1 when the source's row stride is a large power of 2).
 template <class I, typename T>
-std::pair<int64_t, int64_t> pack_a_block(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_t kcb,
-                                         typename I::Word* dst) {
-  const int64_t kcw = (kcb + I::KPACK - 1) / I::KPACK;
-  const T* m = static_cast<const T*>(p.a_mask_y.p);
-  if constexpr (I::KPACK == 1) {
+ABlock pack_a_block(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_t kcb, typename I::Word* dst) {
+  if constexpr (I::KPACK == 2) {
+    return pack_a_pairs<I>(p, ib, ie, k0, kcb, dst);
+  } else {
+    const T* m = static_cast<const T*>(p.a_mask_y.p);
     if (p.a.rs == 1 && p.a.cs != 1 && (!m || p.a_mask_y.rs == 1)) {
       const T* a = static_cast<const T*>(p.a.p);
       for (int64_t k = 0; k < kcb; ++k) {
@@ -219,16 +304,16 @@ std::pair<int64_t, int64_t> pack_a_block(const Problem& p, int64_t ib, int64_t i
           const int R = static_cast<int>(std::min<int64_t>(I::MR, ie - i));
           typename I::V v = I::load(ak + i, R);
           if (m) v = I::mask_le0(I::load(mk + i, R), v);
-          I::store(dst + (i - ib) * kcw + k * I::MR, v, R);
+          I::store(dst + (i - ib) * kcb + k * I::MR, v, R);
         }
       }
-      return {1, I::MR};
+      return {1, I::MR, kcb};
     }
+    std::pair<int64_t, int64_t> strides{1, I::MR};
+    for (int64_t i = ib; i < ie; i += I::MR)
+      strides = pack_a_sliver<I, T>(p, i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), k0, kcb, dst + (i - ib) * kcb);
+    return {strides.first, strides.second, kcb};
   }
-  std::pair<int64_t, int64_t> strides{1, I::MR};
-  for (int64_t i = ib; i < ie; i += I::MR)
-    strides = pack_a_sliver<I, T>(p, i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), k0, kcb, dst + (i - ib) * kcw);
-  return strides;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -334,56 +419,81 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
                   float* a_buf) {
   static const KernelTable<I, T> table;
   using Word = typename I::Word;
+  constexpr bool half = !std::is_same_v<T, float>;
   const int64_t K = p.K, N = p.N, kc = pb.kc, Np = padded_n<I>(N);
   const Word* bdata = static_cast<const Word*>(pb.data);
+  Word* abuf = reinterpret_cast<Word*>(a_buf);
   const bool direct = pb.form == Form::Direct;  // float32 B where it lies, rows p.b.rs apart
   // A is read where it lies when it is float32, unmasked and has a unit stride along k or
-  // along i; otherwise it is packed (converted, masked) MC rows at a time, each MR x kc sliver
-  // reused for every panel of the chunk.
-  const bool pack_a = !std::is_same_v<T, float> || p.a_mask_y.p != nullptr || (p.a.cs != 1 && p.a.rs != 1);
-  static_assert(I::KPACK == 1 || !std::is_same_v<T, float>, "k pairs are for bfloat16 only");
+  // along i; otherwise it is packed (converted, masked) a block of rows at a time.
+  const bool pack_a = half || p.a_mask_y.p != nullptr || (p.a.cs != 1 && p.a.rs != 1);
+  static_assert(I::KPACK == 1 || half, "k pairs are for bfloat16 only");
   static_assert(I::MR <= I::W, "a column of an A sliver is one vector");
-  // Panels per chunk: the chunk's kc x width B-block fits half of L2.
-  const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (std::max<int64_t>(kc, 1) * I::NR));
   const T* bias = static_cast<const T*>(p.epi.bias);
   const T* mask = static_cast<const T*>(p.epi.mask_y.p);
   const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
 
+  TileArgs t;
+  t.ldc = p.ldc;
+  t.ldm = p.epi.mask_y.rs;
+  t.relu = p.epi.relu;
+  // The row tile [i, i + R) of K-block q across panels [c0, c1): A's sliver at `a` with strides
+  // `ab`, the K-block's B at `block`.
+  const auto row_tile = [&](int64_t i, int R, int64_t q, const Word* block, const void* a, const ABlock& ab,
+                            int64_t c0, int64_t c1) {
+    const int64_t kcb = std::min(kc, K - q * kc), kcw = (kcb + I::KPACK - 1) / I::KPACK;
+    t.kcb = kcb;
+    t.a = a;
+    t.rs_a = ab.rs;
+    t.cs_a = ab.cs;
+    t.first = q == 0;
+    t.last = q == nblocks - 1;
+    for (int64_t jp = c0; jp < c1; ++jp) {
+      const int64_t j0 = jp * I::NR;
+      const int64_t w = std::min<int64_t>(I::NR, N - j0);
+      const int NV = static_cast<int>((w + I::W - 1) / I::W);
+      t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
+      t.nlast = static_cast<int>(w - (NV - 1) * I::W);
+      t.b = direct ? block + j0 : block + kcw * j0;
+      t.ldb = direct ? p.b.rs : NV * I::W;
+      t.btail = direct ? t.nlast : I::W;
+      t.bias = bias ? bias + j0 : nullptr;
+      t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
+      table.fn[R - 1][NV - 1](t);
+    }
+  };
+
+  // Panels per chunk: the chunk's B-block (kc rows, in words) fits half of L2; each row tile's
+  // A sliver stays in L1 across the chunk's panels.
+  const int64_t kcw = (std::max<int64_t>(kc, 1) + I::KPACK - 1) / I::KPACK;
+  const int64_t chunk = std::max<int64_t>(1, I::L2_FLOATS / 2 / (kcw * I::NR));
+  if constexpr (half) {
+    // Half types: one K-block (the output is rounded once, from registers), so A is packed once
+    // per block of rows - rows blocked so that the packed block takes at most a quarter of L2 -
+    // and every chunk of panels runs over it.
+    const int64_t mc = std::max<int64_t>(I::MR, std::min<int64_t>(I::MC, I::L2_FLOATS / 4 / kcw) / I::MR * I::MR);
+    for (int64_t ib = r0; ib < r1; ib += mc) {
+      const int64_t ie = std::min(r1, ib + mc);
+      const ABlock ab = pack_a_block<I, T>(p, ib, ie, 0, K, abuf);
+      for (int64_t c0 = p0; c0 < p1; c0 += chunk)
+        for (int64_t i = ib; i < ie; i += I::MR)
+          row_tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), 0, bdata, abuf + (i - ib) * ab.row, ab, c0,
+                   std::min(p1, c0 + chunk));
+    }
+    return;
+  }
   for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
     const int64_t c1 = std::min(p1, c0 + chunk);
     for (int64_t q = 0; q < nblocks; ++q) {
-      const int64_t k0 = q * kc, kcb = std::min(kc, K - k0), kcw = (kcb + I::KPACK - 1) / I::KPACK;
-      const Word* block = direct ? bdata + k0 * p.b.rs : bdata + k0 / I::KPACK * Np;
+      const int64_t k0 = q * kc, kcb = std::min(kc, K - k0);
+      const Word* block = direct ? bdata + k0 * p.b.rs : bdata + k0 * Np;
       for (int64_t ib = r0; ib < r1; ib += I::MC) {
         const int64_t ie = std::min(r1, ib + I::MC);
-        std::pair<int64_t, int64_t> a_strides{p.a.rs, p.a.cs};
-        if (pack_a) a_strides = pack_a_block<I, T>(p, ib, ie, k0, kcb, reinterpret_cast<Word*>(a_buf));
+        const ABlock ab = pack_a ? pack_a_block<I, T>(p, ib, ie, k0, kcb, abuf) : ABlock{p.a.rs, p.a.cs, 0};
         for (int64_t i = ib; i < ie; i += I::MR) {
-          const int R = static_cast<int>(std::min<int64_t>(I::MR, ie - i));
-          TileArgs t;
-          t.kcb = kcb;
-          t.a = pack_a ? static_cast<const void*>(reinterpret_cast<const Word*>(a_buf) + (i - ib) * kcw)
-                       : static_cast<const void*>(static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs);
-          t.rs_a = a_strides.first;
-          t.cs_a = a_strides.second;
-          t.ldc = p.ldc;
-          t.ldm = p.epi.mask_y.rs;
-          t.relu = p.epi.relu;
-          t.first = q == 0;
-          t.last = q == nblocks - 1;
-          for (int64_t jp = c0; jp < c1; ++jp) {
-            const int64_t j0 = jp * I::NR;
-            const int64_t w = std::min<int64_t>(I::NR, N - j0);
-            const int NV = static_cast<int>((w + I::W - 1) / I::W);
-            t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
-            t.nlast = static_cast<int>(w - (NV - 1) * I::W);
-            t.b = direct ? block + j0 : block + kcw * j0;
-            t.ldb = direct ? p.b.rs : NV * I::W;
-            t.btail = direct ? t.nlast : I::W;
-            t.bias = bias ? bias + j0 : nullptr;
-            t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
-            table.fn[R - 1][NV - 1](t);
-          }
+          const void* a = pack_a ? static_cast<const void*>(abuf + (i - ib) * ab.row)
+                                 : static_cast<const void*>(static_cast<const T*>(p.a.p) + i * p.a.rs + k0 * p.a.cs);
+          row_tile(i, static_cast<int>(std::min<int64_t>(I::MR, ie - i)), q, block, a, ab, c0, c1);
         }
       }
     }
@@ -542,24 +652,69 @@ void compute_any(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int
   }
 }
 
+// out[j - c0] = the sum over rows i, in order, of g(i, j) - where y is given, masked by ReLU's
+// backward (y(i, j) <= 0 gives 0; NaN in y lets g through) - for columns [c0, c1); g and y
+// row-major (row strides ld, y_ld), fp32 sums rounded once to T: the half types' grad_bias
+// (float32 keeps kernels.h's double sums). Columns are summed independently, so any split of
+// the columns gives the same bits.
+template <class I, typename T>
+void column_sums(const void* g_, int64_t ld, const void* y_, int64_t y_ld, int64_t rows, int64_t c0, int64_t c1,
+                 void* out_) {
+  using V = typename I::V;
+  constexpr int NV = 4;  // independent sums in flight
+  const T* g = static_cast<const T*>(g_);
+  const T* y = static_cast<const T*>(y_);
+  T* out = static_cast<T*>(out_);
+  for (int64_t j = c0; j < c1; j += NV * I::W) {
+    V acc[NV];
+    int n[NV];
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = I::zero();
+      n[v] = static_cast<int>(std::clamp<int64_t>(c1 - j - v * I::W, 0, I::W));
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int v = 0; v < NV && n[v] > 0; ++v) {
+        V x = I::load(g + i * ld + j + v * I::W, n[v]);
+        if (y) x = I::mask_le0(I::load(y + i * y_ld + j + v * I::W, n[v]), x);
+        acc[v] = I::add(acc[v], x);
+      }
+    for (int v = 0; v < NV && n[v] > 0; ++v) I::store(out + (j - c0) + v * I::W, acc[v], n[v]);
+  }
+}
+
+template <class I>
+void column_sums_any(DType dtype, const void* g, int64_t ld, const void* y, int64_t y_ld, int64_t rows, int64_t c0,
+                     int64_t c1, void* out) {
+  switch (dtype) {
+    case DType::F32: return column_sums<I, float>(g, ld, y, y_ld, rows, c0, c1, out);
+    case DType::BF16: return column_sums<I, bf16_t>(g, ld, y, y_ld, rows, c0, c1, out);
+    case DType::F16: return column_sums<I, f16_t>(g, ld, y, y_ld, rows, c0, c1, out);
+  }
+}
+
+// The table's own product instruction in a register-only loop: fp32 FMA, or vdpbf16ps on
+// bfloat16 k-pairs (KPACK 2: two multiply-adds per lane).
 template <class I>
 double fma_loop(int64_t iters) {
   using V = typename I::V;
-  constexpr int n = 2 * I::MR * I::NVMAX > 24 ? 24 : 2 * I::MR * I::NVMAX;  // enough chains to cover the FMA latency
+  using Word = typename I::Word;
+  constexpr int n = 2 * I::MR * I::NVMAX > 24 ? 24 : 2 * I::MR * I::NVMAX;  // enough chains to cover the latency
   V acc[n];
   for (int i = 0; i < n; ++i) acc[i] = I::zero();
-  float one = 1.0f, tiny = 1e-7f;
+  Word one, tiny;  // 1 and 1e-7 (bfloat16 pairs: 0x3f80 and 0x33d6 in both halves)
+  if constexpr (I::KPACK == 2) one = 0x3f803f80u, tiny = 0x33d633d6u;
+  else one = 1.0f, tiny = 1e-7f;
   const V a = I::bcast(&one), b = I::bcast(&tiny);
   for (int64_t it = 0; it < iters; ++it) {
 #pragma GCC unroll 24
-    for (int i = 0; i < n; ++i) acc[i] = I::fma(acc[i], a, b);
+    for (int i = 0; i < n; ++i) acc[i] = I::dot(a, b, acc[i]);
   }
   V sum = acc[0];
   for (int i = 1; i < n; ++i) sum = I::add(sum, acc[i]);
   float out[I::W];
   I::store(out, sum);
   // The result feeds the return value, so the loop cannot be dropped; it is ~0 by construction.
-  return 2.0 * I::W * n * static_cast<double>(iters) + (out[0] > 1e30f ? 1.0 : 0.0);
+  return 2.0 * I::KPACK * I::W * n * static_cast<double>(iters) + (out[0] > 1e30f ? 1.0 : 0.0);
 }
 
 template <class I>
@@ -571,6 +726,6 @@ template <class I>
 const Kernels* make_kernels(const char* name) {
   static const Kernels k{name,          I::MR,          I::NR,         &kc_for<I>, &packed_b_bytes<I>,
                          &scratch_floats<I>, &pack_b_any<I>, &compute_any<I>, I::DR,     I::DC,
-                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT};
+                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT, &column_sums_any<I>};
   return &k;
 }

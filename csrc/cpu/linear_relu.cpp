@@ -64,6 +64,9 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// Columns per task of a pass that sums columns over `rows` rows.
+int64_t col_grain(int64_t rows) { return std::max<int64_t>(16, kGrainElements / std::max<int64_t>(rows, 1)); }
+
 // Writes g = mask(grad_y) (kWriteG) and/or grad_bias = column sums of g (kSum). grad_y and y are
 // row-major (rows, cols) with row strides gy_ld and y_ld; g is contiguous. The switches are
 // template parameters so the inner loop has no branch and vectorises.
@@ -73,8 +76,7 @@ void mask_and_bias_grad(const scalar_t* __restrict__ gy, int64_t gy_ld, const sc
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   // Split over columns so each thread owns whole column sums: the reduction order over rows is
   // the same whatever the thread count.
-  const int64_t col_grain = std::max<int64_t>(16, kGrainElements / std::max<int64_t>(rows, 1));
-  at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, cols, col_grain(rows), [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
     std::vector<acc_t> acc_buf(kSum ? width : 0, acc_t(0));
     // Without g to write, the masked row goes through a scratch row: two simple loops (select,
@@ -100,6 +102,31 @@ void mask_and_bias_grad(const scalar_t* __restrict__ gy, int64_t gy_ld, const sc
     }
     if constexpr (kSum)
       for (int64_t j = 0; j < width; ++j) gb[c0 + j] = static_cast<scalar_t>(acc[j]);
+  });
+}
+
+// grad_bias = column sums of g = mask(grad_y) (y undefined: no mask), g never written. The half
+// types' sums run on the engine's vector kernel where there is one (c10::Half's scalar
+// conversions keep mask_and_bias_grad's loop from vectorising); the same fp32 sums in the same
+// order either way.
+void bias_grad(const gemm::Kernels* kern, const at::Tensor& gy2, const at::Tensor& y2, at::Tensor& gb) {
+  const int64_t M = gy2.size(0), N = gy2.size(1);
+  const bool relu = y2.defined();
+  if (kern && gy2.scalar_type() != at::kFloat) {
+    const gemm::DType dt = gemm::dtype_of(gy2.scalar_type());
+    char* out = static_cast<char*>(gb.data_ptr());
+    at::parallel_for(0, N, col_grain(M), [&](int64_t c0, int64_t c1) {
+      kern->column_sums(dt, gy2.const_data_ptr(), gy2.stride(0), relu ? y2.const_data_ptr() : nullptr,
+                        relu ? y2.stride(0) : 0, M, c0, c1, out + c0 * gb.element_size());
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy2.scalar_type(), "linear_relu_backward_cpu", [&] {
+    const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
+    relu ? mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), y2.const_data_ptr<scalar_t>(),
+                                                           y2.stride(0), nullptr, gb.data_ptr<scalar_t>(), M, N)
+         : mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr,
+                                                            gb.data_ptr<scalar_t>(), M, N);
   });
 }
 
@@ -138,15 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
     // gradient is the one pass left.
     const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
-    if (need_gb) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
-        const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
-        relu ? mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), y2.const_data_ptr<scalar_t>(),
-                                                               y2.stride(0), nullptr, gb.data_ptr<scalar_t>(), M, N)
-             : mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr,
-                                                                gb.data_ptr<scalar_t>(), M, N);
-      });
-    }
+    if (need_gb) bias_grad(kern, gy2, y2, gb);
     at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
     at::Tensor gw = need_gw ? at::empty({N, K}, x.options()) : empty();
     const at::Tensor x2 = as_2d(x, M, K);  // held: the problems point into it
@@ -163,27 +182,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     return {gx, gw, gb};
   }
 
+  if (!(need_gx || need_gw)) {  // grad_bias alone
+    if (need_gb) bias_grad(kern, gy2, relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor(), gb);
+    return {empty(), empty(), gb};
+  }
   at::Tensor g = gy2;  // the gradient at the pre-activation; grad_y itself for 'none'
-  if (relu && (need_gx || need_gw)) g = at::empty({M, N}, x.options());
-  if ((relu && (need_gx || need_gw)) || need_gb) {
-    const at::Tensor y2 = relu ? rows_contiguous(as_2d(*y, M, N)) : at::Tensor();
+  if (relu) {
+    g = at::empty({M, N}, x.options());
+    const at::Tensor y2 = rows_contiguous(as_2d(*y, M, N));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
       const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
-      scalar_t* gbp = need_gb ? gb.data_ptr<scalar_t>() : nullptr;
-      if (relu) {
-        const scalar_t* yp = y2.const_data_ptr<scalar_t>();
-        const int64_t y_ld = y2.stride(0);
-        if (!(need_gx || need_gw)) {
-          mask_and_bias_grad<scalar_t, true, false, true>(gyp, gy2.stride(0), yp, y_ld, nullptr, gbp, M, N);
-        } else if (need_gb) {
-          mask_and_bias_grad<scalar_t, true, true, true>(gyp, gy2.stride(0), yp, y_ld, g.data_ptr<scalar_t>(), gbp, M, N);
-        } else {
-          mask_and_bias_grad<scalar_t, true, true, false>(gyp, gy2.stride(0), yp, y_ld, g.data_ptr<scalar_t>(), nullptr, M, N);
-        }
-      } else {  // 'none' and grad_bias asked for: the column sums of grad_y
-        mask_and_bias_grad<scalar_t, false, false, true>(gyp, gy2.stride(0), nullptr, 0, nullptr, gbp, M, N);
-      }
+      const scalar_t* yp = y2.const_data_ptr<scalar_t>();
+      need_gb ? mask_and_bias_grad<scalar_t, true, true, true>(gyp, gy2.stride(0), yp, y2.stride(0),
+                                                               g.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), M, N)
+              : mask_and_bias_grad<scalar_t, true, true, false>(gyp, gy2.stride(0), yp, y2.stride(0),
+                                                                g.data_ptr<scalar_t>(), nullptr, M, N);
     });
+  } else if (need_gb) {  // 'none': the column sums of grad_y
+    bias_grad(kern, gy2, at::Tensor(), gb);
   }
 
   at::Tensor gx = need_gx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : empty();
