@@ -352,13 +352,6 @@ void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phas
   if (error) std::rethrow_exception(error);
 }
 
-std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel) {
-  const BPack pack(k, problems);
-  const int64_t T = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
-  run_phases(T, {[&](int64_t t) { pack.run(t, T); }});
-  return pack.packed();
-}
-
 int64_t row_tile(const Kernels* k, const PackedB& b) { return b.form == Form::Dot ? k->dot_mr : k->mr; }
 
 Rect split(const Kernels* k, const Problem& p, const PackedB& b, int64_t t, int64_t T) {

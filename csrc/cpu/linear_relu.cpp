@@ -89,16 +89,12 @@ void mask_and_bias_grad(const scalar_t* __restrict__ gy, int64_t gy_ld, const sc
       scalar_t* __restrict__ gr = kWriteG ? g + i * cols + c0 : row_buf.data();
       const scalar_t* __restrict__ masked = gyr;
       if constexpr (kRelu) {
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t v = gyr[j];  // loaded unconditionally: a load inside the select would stop vectorisation
-          gr[j] = yr[j] <= scalar_t(0) ? scalar_t(0) : v;
-        }
+        relu_mask(gr, gyr, yr, width);
         masked = gr;
       } else if constexpr (kWriteG) {
         for (int64_t j = 0; j < width; ++j) gr[j] = gyr[j];
       }
-      if constexpr (kSum)
-        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(masked[j]);
+      if constexpr (kSum) add_row(acc, masked, width);
     }
     if constexpr (kSum)
       for (int64_t j = 0; j < width; ++j) gb[c0 + j] = static_cast<scalar_t>(acc[j]);
