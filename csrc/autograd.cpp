@@ -1,8 +1,9 @@
 // The autograd formulas of dynnet::linear_relu and dynnet::dynamic_net in C++, registered on the
 // Autograd dispatch key, for every device. linear_relu's is the same formula as
 // dynnet_ext.ops.LinearReLUFunction (the Python torch.autograd.Function, the documented wrapper),
-// minus the Python: a Python Function costs ~20 us a call in interpreter and bookkeeping, more
-// than a small layer's arithmetic, so the modules call the op directly and land here.
+// minus the Python: a Python Function's interpreter and bookkeeping cost more than a small
+// layer's arithmetic (benchmarks/results/README.md, thresholds: python-function-call), so the
+// modules call the op directly and land here.
 //
 // Saves x, weight and (for 'relu') y; the ReLU mask comes from y. Computes only the gradients
 // autograd needs. When the backward itself is being recorded (create_graph=True), the same

@@ -30,9 +30,9 @@
 //
 // With ATen (float64, DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-
 // threaded BLAS GEMMs (the BLAS runs serially inside a parallel region) plus separate mask and
-// bias passes; the input layer's GEMM is left to the BLAS's own threading (measured at the
-// seed's shape: 87 us against 100 us split by rows). ATen splits small GEMMs across threads
-// badly on its own (seed shape, 2 cores: grad_w_in = g.T @ x 178 us on 2 threads, 138 us on 1).
+// bias passes; the input layer's GEMM is left to the BLAS's own threading, which splits it better
+// than rows do; ATen splits small GEMMs across threads badly on its own
+// (benchmarks/results/README.md, thresholds: net-input-layer-blas-threads).
 //
 // Why this is faster than per-layer ops (stock or fused) at small sizes: a handful of parallel
 // regions instead of ~10 ops and autograd nodes a layer, and threads used where they pay. Work
@@ -58,9 +58,9 @@ std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t tasks) { return 
 at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.narrow(0, begin, end - begin); }
 
 // The engine's operands from row r0 of a 2-d tensor on, without making a tensor for them: a
-// narrow() is a dispatcher call and a view's bookkeeping, ~1 us, and the network op needed ~10
-// of them a call (its backward at tiny shapes: 22 us with them, 11 without). row_ptr is for
-// outputs this op allocated.
+// narrow() is a dispatcher call and a view's bookkeeping, and the network op needed about ten of
+// them a call (benchmarks/results/README.md, thresholds: net-row-views). row_ptr is for outputs
+// this op allocated.
 gemm::View rows_view(const at::Tensor& t, int64_t r0) {
   return {static_cast<const char*>(t.const_data_ptr()) + r0 * t.stride(0) * static_cast<int64_t>(t.element_size()),
           t.stride(0), t.stride(1)};
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   }
 
   // The input layer, usually the largest GEMM, on all rows at once: the BLAS's own threading
-  // splits it better than rows do (measured at the seed's shape: 87 us against 100 us).
+  // splits it better than rows do (thresholds: net-input-layer-blas-threads).
   at::Tensor h0 = rows_of(acts, 0, M);
   linear_act_2d(h0, as_2d(x, M, D_in), w_in, b_in, Activation::Relu);
   const at::Tensor out2 = out.view({M, D_out});
