@@ -45,7 +45,7 @@
 #include <torch/library.h>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace {
@@ -140,10 +140,9 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
 
 void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, const at::Tensor& x2,
                                  const at::Tensor& w_in, const std::optional<at::Tensor>& w_h, const at::Tensor& w_out,
-                                 const at::Tensor& acts, int64_t depth, const std::array<bool, 7>& need, at::Tensor& gx2,
-                                 at::Tensor& gw_in, at::Tensor& gb_in, at::Tensor& gw_h, at::Tensor& gb_h,
+                                 const at::Tensor& acts, int64_t depth, const std::array<bool, kNumGrads>& need,
+                                 at::Tensor& gx2, at::Tensor& gw_in, at::Tensor& gb_in, at::Tensor& gw_h, at::Tensor& gb_h,
                                  at::Tensor& gw_out, at::Tensor& gb_out) {
-  enum { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut };
   const int64_t M = x2.size(0), H = w_in.size(0), D_in = w_in.size(1), D_out = w_out.size(0);
   const bool hidden = depth > 0;
   const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));
@@ -275,9 +274,6 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   });
   return {out, acts};
 }
-
-// Output mask / result order of dynamic_net_backward.
-enum Grad { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut, kNumGrads };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_net_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& w_h,

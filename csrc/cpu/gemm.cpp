@@ -54,7 +54,7 @@
 #include <mutex>
 #include <string>
 
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace gemm {

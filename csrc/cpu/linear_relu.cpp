@@ -20,7 +20,7 @@
 // (and grad_bias), then the two GEMMs run side by side, one thread each. Gradients not asked for
 // are neither computed nor allocated.
 //
-// NaN behaves as in stock PyTorch (see kernels.h).
+// NaN behaves as in stock PyTorch (see building_blocks.h).
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -29,7 +29,7 @@
 #include <torch/library.h>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace {
