@@ -1,8 +1,9 @@
 // The autograd formulas of dynnet::linear_relu and dynnet::dynamic_net in C++, registered on the
 // Autograd dispatch key, for every device. linear_relu's is the same formula as
 // dynnet_ext.ops.LinearReLUFunction (the Python torch.autograd.Function, the documented wrapper),
-// minus the Python: a Python Function costs ~20 us a call in interpreter and bookkeeping, more
-// than a small layer's arithmetic, so the modules call the op directly and land here.
+// minus the Python: a Python Function's interpreter and bookkeeping cost more than a small
+// layer's arithmetic (benchmarks/results/README.md, thresholds: python-function-call), so the
+// modules call the op directly and land here.
 //
 // Saves x, weight and (for 'relu') y; the ReLU mask comes from y. Computes only the gradients
 // autograd needs. When the backward itself is being recorded (create_graph=True), the same
@@ -98,13 +99,13 @@ class DynamicNet : public torch::autograd::Function<DynamicNet> {
     const bool has_hidden = ctx->saved_data["has_hidden"].toBool();
     // needs_input_grad counts the tensor inputs that were given: w_h and b_h only if not None.
     const size_t o = has_hidden ? 5 : 3;
-    const std::array<bool, 7> mask = {ctx->needs_input_grad(0),
-                                      ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2),
-                                      has_hidden && ctx->needs_input_grad(3),
-                                      has_hidden && ctx->needs_input_grad(4),
-                                      ctx->needs_input_grad(o),
-                                      ctx->needs_input_grad(o + 1)};
+    const std::array<bool, kNumGrads> mask = {ctx->needs_input_grad(0),
+                                              ctx->needs_input_grad(1),
+                                              ctx->needs_input_grad(2),
+                                              has_hidden && ctx->needs_input_grad(3),
+                                              has_hidden && ctx->needs_input_grad(4),
+                                              ctx->needs_input_grad(o),
+                                              ctx->needs_input_grad(o + 1)};
     variable_list grads(8);  // one per forward argument; depth gets none
     if (std::none_of(mask.begin(), mask.end(), [](bool b) { return b; })) return grads;
     const at::Tensor& grad_out = grad_outputs[0];
@@ -116,7 +117,7 @@ class DynamicNet : public torch::autograd::Function<DynamicNet> {
       const at::Tensor out = at::linear(h, saved[5], saved[6]);
       variable_list inputs;
       std::vector<int> slots;
-      for (int i = 0; i < 7; ++i) {
+      for (int i = 0; i < kNumGrads; ++i) {
         if (mask[i]) inputs.push_back(saved[i]), slots.push_back(i);
       }
       const variable_list g = torch::autograd::grad({out}, inputs, {grad_out}, /*retain_graph=*/true,
@@ -127,10 +128,10 @@ class DynamicNet : public torch::autograd::Function<DynamicNet> {
     const std::optional<at::Tensor> w_h = has_hidden ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // skips the autograd fallback's boxed checks
     auto result = call_dynamic_net_backward(grad_out, saved[0], saved[1], w_h, saved[5], saved[7], depth, mask);
-    const std::array<at::Tensor, 7> g = {std::get<0>(result), std::get<1>(result), std::get<2>(result),
-                                         std::get<3>(result), std::get<4>(result), std::get<5>(result),
-                                         std::get<6>(result)};
-    for (size_t i = 0; i < 7; ++i) grads[i] = mask[i] ? g[i] : at::Tensor();
+    const std::array<at::Tensor, kNumGrads> g = {std::get<0>(result), std::get<1>(result), std::get<2>(result),
+                                                 std::get<3>(result), std::get<4>(result), std::get<5>(result),
+                                                 std::get<6>(result)};
+    for (size_t i = 0; i < kNumGrads; ++i) grads[i] = mask[i] ? g[i] : at::Tensor();
     return grads;
   }
 };

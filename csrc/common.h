@@ -28,6 +28,10 @@ constexpr size_t kNumKernelOps = static_cast<size_t>(KernelOp::kCount);
 constexpr std::array<const char*, kNumKernelOps> kKernelOpNames = {"linear_relu", "linear_relu_backward",
                                                                    "dynamic_net", "dynamic_net_backward"};
 
+// The seven gradients of dynamic_net_backward, in its output order (and its output_mask's): the
+// forward's tensor arguments x, w_in, b_in, w_h, b_h, w_out, b_out.
+enum Grad { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut, kNumGrads };
+
 template <typename T>
 constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;

@@ -1,12 +1,17 @@
-// Typed dispatcher handles for calling the dynnet ops from C++ (the autograd formulas, and the
-// CUDA network op's per-layer fallback). A call goes through the dispatcher, so it reaches the
-// kernel of the arguments' device, below autograd when the caller is.
+// Typed dispatcher handles for calling the dynnet ops from C++: the Autograd-key nodes
+// (autograd.cpp) call the device kernels below them through these, and ops.cpp binds
+// call_linear_relu and call_dynamic_net as the `_C` eager entry points. A call goes through the
+// dispatcher, so it reaches the kernel of the arguments' device, below autograd when the caller
+// is. (The CUDA network op's per-layer path calls the CUDA entry points directly:
+// cuda/entry_points.h.)
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <tuple>
+
+#include "common.h"
 
 namespace dynnet {
 
@@ -47,12 +52,12 @@ inline DynamicNetOutputs call_dynamic_net(const at::Tensor& x, const at::Tensor&
 inline DynamicNetGrads call_dynamic_net_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                  const at::Tensor& w_in, const std::optional<at::Tensor>& w_h,
                                                  const at::Tensor& w_out, const at::Tensor& acts, int64_t depth,
-                                                 std::array<bool, 7> mask) {
+                                                 std::array<bool, kNumGrads> mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dynnet::dynamic_net_backward", "")
                        .typed<DynamicNetGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                                              int64_t, std::array<bool, 7>)>();
+                                              int64_t, std::array<bool, kNumGrads>)>();
   return op.call(grad_out, x, w_in, w_h, w_out, acts, depth, mask);
 }
 

@@ -71,7 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "dynnet_ext compiled kernels (loading this module registers torch.ops.dynnet.*)";
   // The eager fast paths to torch.ops.dynnet.linear_relu and dynamic_net: the same dispatcher
   // call (autograd, device kernels, Python modes all apply), without torch.ops' Python-side
-  // argument handling, which costs ~2-3 us a call - a sizeable part of a small layer.
+  // argument handling, a sizeable part of a small layer's time (benchmarks/results/README.md,
+  // thresholds: torch-ops-call).
   // torch.compile traces torch.ops.dynnet.* instead (dynnet_ext.functional picks).
   module.def("linear_relu", &dynnet::call_linear_relu, pybind11::arg("x"), pybind11::arg("weight"),
              pybind11::arg("bias"), pybind11::arg("activation"));

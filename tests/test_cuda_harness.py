@@ -1,6 +1,7 @@
-"""The CUDA harness itself (tests/cuda_harness.py, csrc/cuda/harness/): the shim runs kernels
-as CUDA defines them and reports what CUDA would reject; and the probe - the quick set of op
-calls that covers every CUDA kernel and launcher path, which each planted bug must fail.
+"""The CUDA harness itself (tests/cuda_harness.py, tests/harness/, csrc/cuda/harness/): the shim
+runs kernels as CUDA defines them and reports what CUDA would reject; the planted bugs stay
+anchored on the kernels' code; and the probe - the quick set of op calls that covers every CUDA
+kernel and launcher path, which each planted bug must fail.
 
 The CUDA ops' own test cases run on the harness as the "harness" device of
 tests/test_linear_relu_cuda.py and tests/test_dynamic_net_ops.py.
@@ -16,6 +17,7 @@ import cuda_harness
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import reference
+from harness import planted
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +176,66 @@ def test_ops_take_cpu_tensors_only(H):
         H.linear_relu(x, torch.randn(2, 4, device="meta"), None, "relu")
 
 
+# ---- the planted bugs' anchors ------------------------------------------------------------------
+
+def _source(path):
+    with open(os.path.join(cuda_harness.CSRC, path)) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("bug", planted.PLANTED_BUGS, ids=lambda b: b.name)
+def test_planted_bug_anchor_matches_one_place(bug):
+    contexts, olds = planted.anchor_matches(bug, _source(bug.path))
+    assert len(contexts) == 1, f"{bug.name}: its context is found {len(contexts)} times in csrc/{bug.path}"
+    assert len(olds) == 1, f"{bug.name}: the code it changes is found {len(olds)} times in its context"
+
+
+def _reword_comments(text):
+    """text with every comment's words changed and a comment line before each barrier."""
+    code = planted.code_only(text)
+
+    def reword(m):
+        if code[m.start()] != " ":  # inside a string literal
+            return m.group(0)
+        return "// reworded" if m.group(0).startswith("//") else "/* reworded */"
+
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", reword, text, flags=re.S)
+    return re.sub(r"^( *)(.*__syncthreads\(\);)", r"\1// a new comment line\n\1\2", text, flags=re.M)
+
+
+def _tokens(text):
+    return planted.code_only(text).split()
+
+
+@pytest.mark.parametrize("path", sorted({b.path for b in planted.PLANTED_BUGS}))
+def test_planted_bugs_ignore_comments(path):
+    text = _source(path)
+    reworded = _reword_comments(text)
+    assert reworded != text and _tokens(reworded) == _tokens(text)
+    assert _tokens(planted.plant(reworded, path)) == _tokens(planted.plant(text, path))
+    assert planted.plant(text, path) != text
+
+
+def test_planted_bug_whose_code_changed_stops_the_build():
+    text = _source("cuda/gemm.cuh").replace("m[e] <= acc_t(0)", "m[e] <= acc_t(0.0)")
+    with pytest.raises(RuntimeError, match="planted bug gemm-mask-flipped: its code no longer occurs once"):
+        planted.plant(text, "cuda/gemm.cuh")
+
+
+def test_code_only_blanks_comments_and_keeps_offsets():
+    text = 'a = "// kept"; // gone\n/* gone\n too */ b = \'/\'; /* gone */ c;\n'
+    code = planted.code_only(text)
+    assert len(code) == len(text) and code.count("\n") == text.count("\n")
+    assert code.split() == ["a", "=", '"//', 'kept";', "b", "=", "'/';", "c;"]
+
+
 # ---- the probe --------------------------------------------------------------------------------
 # A few op calls that reach every kernel and launcher path: tile edges in every dimension, more
 # than one reduction slice, rows that do and do not allow vector loads, the ReLU mask with exact
 # zeros in y, grad_bias alone and with the GEMMs, on each forced path (the custom kernels with
 # split and wide tiles, the vendor path's host code, its grad_bias split into row chunks); the
 # network's one-launch path with the shared-memory opt-in and the 256-column layout, a last block
-# of fewer than 8 rows, and the chain of layer ops. Each planted bug (cuda_harness.PLANTED_BUGS)
+# of fewer than 8 rows, and the chain of layer ops. Each planted bug (harness/planted.py)
 # must fail it; `python tests/cuda_harness.py planted` checks. float32 only: the planted-bug
 # builds compile nothing else.
 

@@ -30,9 +30,9 @@
 //
 // With ATen (float64, DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-
 // threaded BLAS GEMMs (the BLAS runs serially inside a parallel region) plus separate mask and
-// bias passes; the input layer's GEMM is left to the BLAS's own threading (measured at the
-// seed's shape: 87 us against 100 us split by rows). ATen splits small GEMMs across threads
-// badly on its own (seed shape, 2 cores: grad_w_in = g.T @ x 178 us on 2 threads, 138 us on 1).
+// bias passes; the input layer's GEMM is left to the BLAS's own threading, which splits it better
+// than rows do; ATen splits small GEMMs across threads badly on its own
+// (benchmarks/results/README.md, thresholds: net-input-layer-blas-threads).
 //
 // Why this is faster than per-layer ops (stock or fused) at small sizes: a handful of parallel
 // regions instead of ~10 ops and autograd nodes a layer, and threads used where they pay. Work
@@ -45,7 +45,7 @@
 #include <torch/library.h>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace {
@@ -58,9 +58,9 @@ std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t tasks) { return 
 at::Tensor rows_of(const at::Tensor& t, int64_t begin, int64_t end) { return t.narrow(0, begin, end - begin); }
 
 // The engine's operands from row r0 of a 2-d tensor on, without making a tensor for them: a
-// narrow() is a dispatcher call and a view's bookkeeping, ~1 us, and the network op needed ~10
-// of them a call (its backward at tiny shapes: 22 us with them, 11 without). row_ptr is for
-// outputs this op allocated.
+// narrow() is a dispatcher call and a view's bookkeeping, and the network op needed about ten of
+// them a call (benchmarks/results/README.md, thresholds: net-row-views). row_ptr is for outputs
+// this op allocated.
 gemm::View rows_view(const at::Tensor& t, int64_t r0) {
   return {static_cast<const char*>(t.const_data_ptr()) + r0 * t.stride(0) * static_cast<int64_t>(t.element_size()),
           t.stride(0), t.stride(1)};
@@ -140,10 +140,9 @@ void dynamic_net_forward_engine(const gemm::Kernels* k, const at::Tensor& x2, co
 
 void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, const at::Tensor& x2,
                                  const at::Tensor& w_in, const std::optional<at::Tensor>& w_h, const at::Tensor& w_out,
-                                 const at::Tensor& acts, int64_t depth, const std::array<bool, 7>& need, at::Tensor& gx2,
-                                 at::Tensor& gw_in, at::Tensor& gb_in, at::Tensor& gw_h, at::Tensor& gb_h,
+                                 const at::Tensor& acts, int64_t depth, const std::array<bool, kNumGrads>& need,
+                                 at::Tensor& gx2, at::Tensor& gw_in, at::Tensor& gb_in, at::Tensor& gw_h, at::Tensor& gb_h,
                                  at::Tensor& gw_out, at::Tensor& gb_out) {
-  enum { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut };
   const int64_t M = x2.size(0), H = w_in.size(0), D_in = w_in.size(1), D_out = w_out.size(0);
   const bool hidden = depth > 0;
   const bool need_g = need[kX] || need[kWIn] || need[kBIn] || (hidden && (need[kWH] || need[kBH]));
@@ -256,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   }
 
   // The input layer, usually the largest GEMM, on all rows at once: the BLAS's own threading
-  // splits it better than rows do (measured at the seed's shape: 87 us against 100 us).
+  // splits it better than rows do (thresholds: net-input-layer-blas-threads).
   at::Tensor h0 = rows_of(acts, 0, M);
   linear_act_2d(h0, as_2d(x, M, D_in), w_in, b_in, Activation::Relu);
   const at::Tensor out2 = out.view({M, D_out});
@@ -275,9 +274,6 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   });
   return {out, acts};
 }
-
-// Output mask / result order of dynamic_net_backward.
-enum Grad { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut, kNumGrads };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_net_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& w_h,

@@ -7,10 +7,10 @@
 // register-blocked micro-kernel (gemm_kernel.h) computes an MR x NR tile, applying the epilogue
 // (bias, ReLU, ReLU's backward mask, rounding) in its store.
 //
-// Why our own kernels and not ATen's BLAS (measured on the 2-core AMD EPYC with AVX-512 these
-// machines are, float32): MKL, which torch.mm and stock nn.Linear use, runs the seed's input
-// layer at about half of the cores' FMA ceiling (~235 GFLOP/s on two cores; benchmarks/results)
-// and 1024^3 at about 80%; oneDNN and OpenBLAS reach more but are not reachable from an
+// Why our own kernels and not ATen's BLAS (float32, on the 2-core AMD EPYC with AVX-512 these
+// machines are): MKL, which torch.mm and stock nn.Linear use, runs the seed's input layer well
+// below the cores' FMA ceiling (benchmarks/results/README.md, thresholds: own-gemm-engine);
+// oneDNN and OpenBLAS reach more but are not reachable from an
 // extension (libtorch exports no dnnl_* entry points, and a second BLAS would bring a second
 // thread pool). A micro-kernel of our own also gives what a
 // library call cannot: the bias/ReLU/mask epilogue in the store (no second pass over C), the
@@ -54,7 +54,7 @@
 #include <mutex>
 #include <string>
 
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace gemm {
@@ -153,11 +153,8 @@ float* scratch(const Kernels* k, const Problem& p) {
   return reinterpret_cast<float*>(buf.get(k->scratch_floats(p.dtype, p.K) * sizeof(float)));
 }
 
-// Below ~5 us of one core's work a second thread does not pay: waking it and meeting it at a
-// barrier cost a few us. Measured on the 2-core Zen 4 with no other process preempting the
-// run (chrt): 64 x 100 x 100 (1.3 MFLOP) forward 1.2x faster and its backward 1.6x faster on 2
-// threads than on 1. (When other processes keep the cores busy, a second thread is often not
-// there when called and the same call takes longer on 2 threads than on 1.)
+// Below about 5 us of one core's work a second thread does not pay: waking it and meeting it at
+// a barrier costs a few us (benchmarks/results/README.md, thresholds: min-task-flops).
 constexpr double kMinTaskFlops = 5e5;
 
 }  // namespace
@@ -248,21 +245,19 @@ Form choose_form(const Kernels* k, const Problem& p) {
   if (f == kFormPacked) return Form::Packed;
   if (f == kFormDot && dot_ok) return Form::Dot;
   if (f == kFormDirect && direct_ok) return Form::Direct;
-  // The shape rule, from direct A/B runs of the forms forced (the 2-core Zen 4, float32, 2
-  // threads). B with contiguous rows (the backward's W and x, the network's activations): read
-  // where it lies unless many rows of C reuse a long B - packing costs a pass over B, and a
-  // packed B one thread wrote is read by the other from its cache (layer backward, one GEMM:
-  // 64 x 1000 x 100 grad_x 2.2x, grad_w 1.8x, 1024 x 1000 x 100 grad_w 1.55x; both GEMMs side
-  // by side 1.03-1.09x; 1024^3 and 4096 x 1024 x 1024: packed 1.05x).
+  // The shape rule, from A/B runs of the forms forced (benchmarks/results/README.md,
+  // thresholds: direct-form, dot-form). B with contiguous rows (the backward's W and x, the
+  // network's activations): read where it lies unless many rows of C reuse a long B - packing
+  // costs a pass over B, and a packed B one thread wrote is read by the other from its cache.
   if (direct_ok && (p.M < kDirectMinRows || p.K <= kDirectMaxK)) return Form::Direct;
   if (!dot_ok) return Form::Packed;
   // The forward (B = W^T, columns contiguous). Packing B pays off when many rows reuse it; the
   // dot form's lane sums, one per element and K-block, when K is long; narrow N wastes most of a
   // packed panel's lanes.
-  const bool few_rows = p.M < k->mr;                               // 1 x 1000 x 100: dot 2.5x packed
-  const bool narrow = p.N <= kDotMaxNarrowN;                       // 64 x 1000 x 10: 1.6x
-  const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;  // 64 x 1000 x 100: 1.4x;
-  return few_rows || narrow || long_k ? Form::Dot : Form::Packed;  // 64 x 100 x 100, 1024^3: packed 1.1x
+  const bool few_rows = p.M < k->mr;
+  const bool narrow = p.N <= kDotMaxNarrowN;
+  const bool long_k = p.K >= kDotMinK && p.M * p.N < kDotMaxOutput;
+  return few_rows || narrow || long_k ? Form::Dot : Form::Packed;
 }
 
 BPack::BPack(const Kernels* k, const std::vector<const Problem*>& problems) : k_(k), problems_(problems) {
@@ -350,13 +345,6 @@ void run_phases(int64_t T, const std::vector<std::function<void(int64_t)>>& phas
   for (const auto& phase : phases)  // one region per phase left
     if (i++ >= done) parallel_tasks(T, [&](int64_t t) { guarded(phase, t); });
   if (error) std::rethrow_exception(error);
-}
-
-std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel) {
-  const BPack pack(k, problems);
-  const int64_t T = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
-  run_phases(T, {[&](int64_t t) { pack.run(t, T); }});
-  return pack.packed();
 }
 
 int64_t row_tile(const Kernels* k, const PackedB& b) { return b.form == Form::Dot ? k->dot_mr : k->mr; }

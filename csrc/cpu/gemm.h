@@ -30,6 +30,7 @@ std::vector<std::string> available_isas();
 // choice. Throws for a name this CPU cannot run.
 std::string set_isa(const std::string& name);
 
+// The engine's DType of a torch dtype (float32, bfloat16, float16); throws for any other.
 DType dtype_of(at::ScalarType t);
 
 // A (rows, cols) tensor as a View (any strides).
@@ -45,7 +46,6 @@ class BPack {
   void run(int64_t t, int64_t T) const;
   void run_problem(size_t i) const;  // every panel of problem i, on the calling thread
   const PackedB& operator[](size_t i) const { return packed_[i]; }
-  const std::vector<PackedB>& packed() const { return packed_; }
 
  private:
   const Kernels* k_;
@@ -69,9 +69,6 @@ inline Problem product(int64_t M, int64_t N, int64_t K, at::ScalarType dtype, Vi
   p.a = a, p.b = b, p.a_mask_y = a_mask_y, p.c = c, p.ldc = ldc;
   return p;
 }
-
-// Packs the B operand of each problem (split across the threads when `parallel`).
-std::vector<PackedB> pack_b(const Kernels* k, const std::vector<const Problem*>& problems, bool parallel);
 
 // Rows x panels rectangle of task t of T for a problem (T near-equal parts, by rows when there
 // are enough rows, by panels otherwise).

@@ -30,11 +30,6 @@
 // Vector traits for one ISA: V holds W floats. Partial vectors (n < W valid lanes) only occur
 // at the right edge of C (the last panel) and are loaded/stored with masks.
 
-template <typename T> struct dtype_of;
-template <> struct dtype_of<float> { static constexpr DType value = DType::F32; };
-template <> struct dtype_of<bf16_t> { static constexpr DType value = DType::BF16; };
-template <> struct dtype_of<f16_t> { static constexpr DType value = DType::F16; };
-
 inline float to_f32(float v) { return v; }
 inline float to_f32(bf16_t v) {
   const uint32_t bits = uint32_t(v.x) << 16;

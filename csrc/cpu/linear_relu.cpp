@@ -20,7 +20,7 @@
 // (and grad_bias), then the two GEMMs run side by side, one thread each. Gradients not asked for
 // are neither computed nor allocated.
 //
-// NaN behaves as in stock PyTorch (see kernels.h).
+// NaN behaves as in stock PyTorch (see building_blocks.h).
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -29,7 +29,7 @@
 #include <torch/library.h>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "building_blocks.h"
 
 namespace dynnet {
 namespace {
@@ -89,16 +89,12 @@ void mask_and_bias_grad(const scalar_t* __restrict__ gy, int64_t gy_ld, const sc
       scalar_t* __restrict__ gr = kWriteG ? g + i * cols + c0 : row_buf.data();
       const scalar_t* __restrict__ masked = gyr;
       if constexpr (kRelu) {
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t v = gyr[j];  // loaded unconditionally: a load inside the select would stop vectorisation
-          gr[j] = yr[j] <= scalar_t(0) ? scalar_t(0) : v;
-        }
+        relu_mask(gr, gyr, yr, width);
         masked = gr;
       } else if constexpr (kWriteG) {
         for (int64_t j = 0; j < width; ++j) gr[j] = gyr[j];
       }
-      if constexpr (kSum)
-        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(masked[j]);
+      if constexpr (kSum) add_row(acc, masked, width);
     }
     if constexpr (kSum)
       for (int64_t j = 0; j < width; ++j) gb[c0 + j] = static_cast<scalar_t>(acc[j]);
@@ -154,11 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor gb = need_gb ? at::empty({N}, x.options()) : empty();
   const bool relu = act == Activation::Relu;
   // Fewer rows than two micro-tiles: packing the weight for grad_x costs about as much as the
-  // product itself, so those take ATen's path (measured, 2 threads, x 1000 -> 100: ATen ahead
-  // by 1.5x at 1 row and 1.3x at 6; the engine ahead by 1.15x at 12) - unless the engine reads
-  // float32 B where it lies (the direct form, gemm.cpp): then it is ahead from 2 rows (grad_x
-  // 2-2.6x, grad_weight alone 6-7x: ATen splits that small GEMM across threads badly; both
-  // 1.05-1.5x) and ATen only at 1 row (1.1x).
+  // product itself, so those take ATen's path - unless the engine reads float32 B where it lies
+  // (the direct form, gemm.cpp): then only 1 row does (benchmarks/results/README.md, thresholds:
+  // layer-backward-min-rows).
   const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type());
   const bool direct = kern && kern->direct && x.scalar_type() == at::kFloat;
   if (kern && (M >= 2 * kern->mr || (direct && M >= 2)) && (need_gx || need_gw)) {
@@ -210,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   if (need_gx && need_gw && at::get_num_threads() > 1) {
     // The two GEMMs have the same FLOP count (2 M N K) and are independent: run them side by
     // side, one per thread (the BLAS runs single-threaded inside a parallel region), instead of
-    // one after the other each split over the threads (measured on 2 cores: 1.35x faster at
-    // 64 x 1000 -> 100, 1.09x at 64 x 1024 -> 1024, 1.04x at 1024 x 1000 -> 100).
+    // one after the other each split over the threads (benchmarks/results/README.md, thresholds:
+    // layer-backward-side-by-side).
     parallel_tasks(2, [&](int64_t t) { t == 0 ? grad_input() : grad_weight(); });
   } else {
     if (need_gx) grad_input();

@@ -82,7 +82,7 @@
 
 #include "choose.cuh"
 #include "gemm.cuh"
-#include "ops.h"
+#include "entry_points.h"
 #include "paths.h"
 #include "runtime.cuh"
 
@@ -352,9 +352,6 @@ __global__ void __launch_bounds__(kNetThreads, 1) net_backward_kernel(const NetA
                                            p.grad_x + row0 * p.D_in);
   }
 }
-
-// Output mask / result order of dynamic_net_backward.
-enum Grad { kX, kWIn, kBIn, kWH, kBH, kWOut, kBOut, kNumGrads };
 
 }  // namespace
 

@@ -26,7 +26,7 @@
 // forward is 2 wide tiles (2 SMs busy, each walking 32 slices) but 28 split tiles, each warp
 // walking 4 slices. Every thread loads its share of a slice in groups of 4 consecutive elements
 // (one 16-byte load for float32, 8 bytes for half types, two 16-byte loads for float64) when the
-// operand's rows are a multiple of 4 elements and its base is aligned (Problem::vec_*), else as
+// operand's rows are a multiple of 4 elements and its base is aligned (GroupProblem::vec_*), else as
 // 4 scalar loads; the next slice is loaded into registers while the current one is multiplied.
 // ColSum blocks own 32 columns: lane = column (coalesced), the 8 warps take rows w, w + 8, ..
 // in order, then their partials are added in warp order: again a fixed order, no atomics.
@@ -111,8 +111,10 @@ enum class Role : int32_t { Forward, GradInput, GradWeight, ColSum };
 constexpr bool a_reduction_contiguous(Role r) { return r != Role::GradWeight; }
 constexpr bool b_reduction_contiguous(Role r) { return r == Role::Forward; }
 
+// One GEMM of a grouped launch (GemmGroup): operands, shape, role, epilogue. (The CPU engine's
+// gemm::Problem is another thing.)
 template <typename scalar_t>
-struct Problem {
+struct GroupProblem {
   const scalar_t* a;     // A (ColSum: the summed matrix, red x cols)
   const scalar_t* y;     // the ReLU mask's source, laid out as a (masked roles with relu)
   const scalar_t* b;     // B
@@ -130,7 +132,7 @@ constexpr int kMaxProblems = 6;
 // The problems of one launch; problem q owns blocks [first[q], first[q + 1]).
 template <typename scalar_t>
 struct GemmGroup {
-  Problem<scalar_t> p[kMaxProblems];
+  GroupProblem<scalar_t> p[kMaxProblems];
   int64_t first[kMaxProblems + 1];
   int count;
 };
@@ -235,7 +237,7 @@ __device__ __forceinline__ void store_operand(acc_t (*s)[kW + 1],
 // ---- one tile ---------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_output(const Problem<scalar_t>& p, int64_t row, int64_t col, acc_t v,
+__device__ __forceinline__ void store_output(const GroupProblem<scalar_t>& p, int64_t row, int64_t col, acc_t v,
                                              bool forward) {
   if (row >= p.rows || col >= p.cols) return;
   if (forward) {
@@ -249,7 +251,8 @@ __device__ __forceinline__ void store_output(const Problem<scalar_t>& p, int64_t
 // consecutive blocks share a column tile of B in L2). Called by all 256 threads of the block;
 // smem: the block's dynamic shared memory (gemm_smem_bytes).
 template <typename scalar_t, class T, Role kRole>
-__device__ __forceinline__ void gemm_tile(const Problem<scalar_t>& p, int64_t tile, at::opmath_type<scalar_t>* smem) {
+__device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64_t tile,
+                                          at::opmath_type<scalar_t>* smem) {
   using acc_t = at::opmath_type<scalar_t>;
   using D = TileDims<T>;
   constexpr bool kARed = a_reduction_contiguous(kRole), kBRed = b_reduction_contiguous(kRole);
@@ -380,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_group_kernel(const GemmGroup
   const int64_t block = blockIdx.x;
   // The block's problem, selected with constant indices (a run-time index into the parameter
   // array would copy it to local memory).
-  Problem<scalar_t> p = group.p[0];
+  GroupProblem<scalar_t> p = group.p[0];
   int64_t first = 0;
 #pragma unroll
   for (int q = 1; q < kMaxProblems; ++q) {
@@ -431,7 +434,7 @@ class GemmGroupBuilder {
   void gemm(Role role, const scalar_t* a, const scalar_t* y, const scalar_t* b, const scalar_t* bias, scalar_t* c,
             int64_t rows, int64_t cols, int64_t red, bool relu) {
     if (rows == 0 || cols == 0) return;
-    Problem<scalar_t> q{};
+    GroupProblem<scalar_t> q{};
     q.role = role, q.a = a, q.y = relu ? y : nullptr, q.b = b, q.bias = bias, q.c = c;
     q.rows = rows, q.cols = cols, q.red = red, q.relu = relu;
     const int64_t a_row = a_reduction_contiguous(role) ? red : rows, b_row = b_reduction_contiguous(role) ? red : cols;
@@ -444,7 +447,7 @@ class GemmGroupBuilder {
   // out[j] = sum over the red rows of g[l][j] (g = a, masked by y where relu), j < cols.
   void colsum(const scalar_t* a, const scalar_t* y, scalar_t* out, int64_t red, int64_t cols, bool relu) {
     if (cols == 0) return;
-    Problem<scalar_t> q{};
+    GroupProblem<scalar_t> q{};
     q.role = Role::ColSum, q.a = a, q.y = relu ? y : nullptr, q.c = out;
     q.rows = 1, q.cols = cols, q.red = red, q.relu = relu;
     add(q);
@@ -458,7 +461,7 @@ class GemmGroupBuilder {
   }
 
  private:
-  void add(const Problem<scalar_t>& q) {
+  void add(const GroupProblem<scalar_t>& q) {
     TORCH_CHECK(group_.count < kMaxProblems, "dynnet internal error: more than ", kMaxProblems, " GEMM problems");
     group_.p[group_.count++] = q;
   }
@@ -467,7 +470,7 @@ class GemmGroupBuilder {
   void launch_with() {
     group_.first[0] = 0;
     for (int q = 0; q < group_.count; ++q) {
-      Problem<scalar_t>& p = group_.p[q];
+      GroupProblem<scalar_t>& p = group_.p[q];
       int64_t blocks;
       if (p.role == Role::ColSum) {
         blocks = ceil_div<int64_t>(p.cols, kColSumCols);

@@ -31,7 +31,7 @@
 
 #include "choose.cuh"
 #include "gemm.cuh"
-#include "ops.h"
+#include "entry_points.h"
 #include "runtime.cuh"
 #include "vendor.cuh"
 

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "../../common.h"
-#include "../ops.h"
+#include "../entry_points.h"
 #include "../paths_python.h"
 #include "../runtime.cuh"
 

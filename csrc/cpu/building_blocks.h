@@ -65,6 +65,21 @@ void relu_mask(scalar_t* __restrict__ g, const scalar_t* __restrict__ y, int64_t
   }
 }
 
+// dst = (y <= 0 ? 0 : g) over n contiguous elements, the same mask into another buffer.
+template <typename scalar_t>
+void relu_mask(scalar_t* __restrict__ dst, const scalar_t* __restrict__ g, const scalar_t* __restrict__ y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t v = g[j];  // loaded unconditionally, as above
+    dst[j] = y[j] <= scalar_t(0) ? scalar_t(0) : v;
+  }
+}
+
+// acc[j] += row[j] for j < width, in acc_t: one row's step of a column sum.
+template <typename acc_t, typename scalar_t>
+void add_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ row, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
+}
+
 // out[j - c0] = sum over rows i (in order) of g[i * ld + j], for columns c0 <= j < c1, accumulated
 // in acc_type (double for float): each column is summed by one thread in a fixed order, so the
 // result does not depend on how columns are split across threads.
@@ -75,10 +90,7 @@ void column_sums(const scalar_t* __restrict__ g, int64_t ld, int64_t rows, int64
   const int64_t width = c1 - c0;
   std::vector<acc_t> acc_buf(width, acc_t(0));
   acc_t* __restrict__ acc = acc_buf.data();
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* __restrict__ row = g + i * ld + c0;
-    for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<acc_t>(row[j]);
-  }
+  for (int64_t i = 0; i < rows; ++i) add_row(acc, g + i * ld + c0, width);
   for (int64_t j = 0; j < width; ++j) out[j] = static_cast<scalar_t>(acc[j]);
 }
 

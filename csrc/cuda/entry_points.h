@@ -10,6 +10,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../common.h"
+
 namespace dynnet {
 
 at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -27,6 +29,6 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cuda(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in,
                           const std::optional<at::Tensor>& w_h, const at::Tensor& w_out, const at::Tensor& acts,
-                          int64_t depth, std::array<bool, 7> output_mask);
+                          int64_t depth, std::array<bool, kNumGrads> output_mask);
 
 }  // namespace dynnet
