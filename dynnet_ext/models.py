@@ -1,16 +1,33 @@
 """DynamicNet on fused layers: the seed's model (a ReLU MLP that reuses its hidden layer a
 random 0-3 times per forward), with the seed's attribute names, so a checkpoint of the stock
-model (dynnet_ext.reference.DynamicNet, or the seed's own class) loads unchanged."""
+model (dynnet_ext.reference.DynamicNet, or the seed's own class) loads unchanged.
 
+The depth rule (check_depth, draw_depth) lives here, with the model; dynnet_ext.reference's stock
+model imports it from here, never the other way round."""
+
+import random
 import sys
 
 from torch import nn
 
 from . import functional
 from .nn import FusedLinear, FusedLinearReLU
-from .reference import check_depth
 
 FUSIONS = ("network", "layer")
+
+
+def draw_depth():
+    """How many times the hidden layer is reused: 0 to 3, drawn with Python's `random`, as the seed does."""
+    return random.randint(0, 3)
+
+
+def check_depth(depth):
+    """The depth a forward runs at: `depth` itself (a non-negative int), or a draw when None."""
+    if depth is None:
+        return draw_depth()
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int or None (draw 0-3), got {depth!r}")
+    return depth
 
 
 class DynamicNet(nn.Module):

@@ -1,19 +1,18 @@
 """Stock PyTorch versions of everything dynnet_ext fuses: what every test and benchmark
 compares against - the seed's stock model and the stock formulas.
 
-Dependency direction: this module imports the stock formulas from the op modules
-(dynnet_ext.ops.linear_relu, .dynamic_net), where each is stated once."""
-
-import random
+Dependency direction: this module imports from production - the stock formulas from the op modules
+(dynnet_ext.ops.linear_relu, .dynamic_net), the depth rule from models.py - and production never imports it."""
 
 import torch
 from torch import nn
 
+from .models import check_depth
 from .ops.dynamic_net import stock_dynamic_net as dynamic_net
 from .ops.linear_relu import ACTIVATIONS
 from .ops.linear_relu import stock_linear_act as linear_act
 
-__all__ = ["ACTIVATIONS", "DynamicNet", "check_depth", "draw_depth", "dynamic_net", "linear_act", "linear_act_backward"]
+__all__ = ["ACTIVATIONS", "DynamicNet", "dynamic_net", "linear_act", "linear_act_backward"]
 
 
 def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
@@ -24,19 +23,6 @@ def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
     y = linear_act(*leaves[:2], leaves[2] if bias is not None else None, activation)
     grads = torch.autograd.grad(y, leaves, grad_y)
     return grads[0], grads[1], grads[2] if bias is not None else None
-
-
-def draw_depth():
-    """How many times the hidden layer is reused: 0 to 3, drawn with Python's `random`, as the seed does."""
-    return random.randint(0, 3)
-
-
-def check_depth(depth):
-    if depth is None:
-        return draw_depth()
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be a non-negative int or None (draw 0-3), got {depth!r}")
-    return depth
 
 
 class DynamicNet(nn.Module):
