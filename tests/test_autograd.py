@@ -1,7 +1,7 @@
 """The autograd of the fused layer, both ways it exists: the C++ formula on the Autograd key
 (what torch.ops.dynnet.linear_relu and the functional forms use) and the Python
 LinearReLUFunction. Gradcheck, needs_input_grad, saved tensors, double backward, fallbacks,
-autocast, torch.compile."""
+autocast, torch.compile; and the C++ nodes (layer and network) pinned to the Python formulas."""
 
 import pytest
 import torch
