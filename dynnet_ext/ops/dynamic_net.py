@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .functorch import add, batched_first, jvp_level, per_member, rows, tracked, transforms_active
+from .functorch import batched_first, jvp_level, per_member, rows, tracked, transforms_active
 from .library import _C
 from .linear_relu import (bias_grad, check_fake_args, check_same, input_grad, relu_mask, stock_linear_act, tangent,
                           weight_grad)
