@@ -8,6 +8,8 @@ dynamic-depth DynamicNet built on them.
     fused = dynnet_ext.fuse(existing_model)                # nn.Linear + ReLU -> FusedLinearReLU
 """
 
+import importlib.abc
+import importlib.util
 import sys
 
 from . import functional, nn, reference
@@ -15,10 +17,39 @@ from .fuse import FuseReport, fuse
 from .models import DynamicNet
 from .ops import BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `then()` right after module `name` is first imported, whoever imports it (once)."""
+
+    def __init__(self, name, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)  # once, and not again for the look-up below
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then(module):
+            exec_module(module)
+            self.then()
+
+        spec.loader.exec_module = exec_then
+        return spec
+
+
+def _register_sharding_rules():
+    from . import parallel  # noqa: F401  (registers the ops' DTensor sharding rules)
+
+
+# The ops' DTensor sharding rules whenever DTensor is used, whatever the import order: now if it is
+# loaded, else as soon as it is imported (DTensor takes a while to import; most users never need it).
 if "torch.distributed.tensor" in sys.modules:
-    # DTensor is in use: give the ops their sharding rules now. Otherwise importing
-    # dynnet_ext.parallel does (DTensor takes a while to import; most users never need it).
-    from . import parallel  # noqa: F401
+    _register_sharding_rules()
+else:
+    sys.meta_path.insert(0, _AfterImport("torch.distributed.tensor", _register_sharding_rules))
 
 __version__ = "0.1.0"
 

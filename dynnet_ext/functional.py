@@ -5,17 +5,21 @@ op is called through _C.linear_relu, the same dispatcher call minus torch.ops' P
 argument handling; torch.compile and tensors with __torch_function__ get torch.ops. Under a
 torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) or a
 torch.autograd.forward_ad dual level, which refuse the C++ autograd node, the same op goes
-through the Python autograd.Functions of dynnet_ext.ops, which carry vmap and jvp rules.
+through the Python autograd.Functions of dynnet_ext.ops (one module per op), which carry vmap
+and jvp rules.
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
 float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through
-stock PyTorch instead, with the same results."""
+stock PyTorch instead, with the same results: the stock formulas of dynnet_ext.ops' op modules,
+which dynnet_ext.reference (the tests' oracle) re-exports; nothing here imports reference."""
 
 import torch
 from torch.overrides import has_torch_function
 
-from . import reference
 from .ops import FORCE_STOCK, SUPPORTED_DTYPES, DynamicNetFunction, LinearReLUJvpFunction, _C, has_kernels, transforms_active
+from .ops import cuda_paths
+from .ops.dynamic_net import stock_dynamic_net
+from .ops.linear_relu import stock_linear_act
 
 
 def _autocast_dtype(device_type):
@@ -33,7 +37,12 @@ def _autocast(x, *tensors):
 
 
 def _eligible(x):
-    return not FORCE_STOCK and has_kernels(x.device.type) and x.dtype in SUPPORTED_DTYPES
+    device = x.device.type
+    if FORCE_STOCK or not has_kernels(device) or x.dtype not in SUPPORTED_DTYPES:
+        return False
+    if device == "cuda" and not cuda_paths.env_table_applied and not torch.compiler.is_compiling():
+        cuda_paths.apply_env_table()  # DYNNET_EXT_CUDA_TABLE, read on the first CUDA call
+    return True
 
 
 @torch.compiler.disable
@@ -54,7 +63,7 @@ def _linear(x, weight, bias, activation):
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
-    return reference.linear_act(x, weight, bias, activation)
+    return stock_linear_act(x, weight, bias, activation)
 
 
 def fused_linear_relu(x, weight, bias=None):
@@ -88,4 +97,4 @@ def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
         if torch.compiler.is_compiling() or has_torch_function(args):
             return torch.ops.dynnet.dynamic_net(*args, depth)[0]
         return _C.dynamic_net(*args, depth)[0]
-    return reference.dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)
+    return stock_dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth)

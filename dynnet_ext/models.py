@@ -1,16 +1,33 @@
 """DynamicNet on fused layers: the seed's model (a ReLU MLP that reuses its hidden layer a
 random 0-3 times per forward), with the seed's attribute names, so a checkpoint of the stock
-model (dynnet_ext.reference.DynamicNet, or the seed's own class) loads unchanged."""
+model (dynnet_ext.reference.DynamicNet, or the seed's own class) loads unchanged.
 
+The depth rule (check_depth, draw_depth) lives here, with the model; dynnet_ext.reference's stock
+model imports it from here, never the other way round."""
+
+import random
 import sys
 
 from torch import nn
 
 from . import functional
 from .nn import FusedLinear, FusedLinearReLU
-from .reference import check_depth
 
 FUSIONS = ("network", "layer")
+
+
+def draw_depth():
+    """How many times the hidden layer is reused: 0 to 3, drawn with Python's `random`, as the seed does."""
+    return random.randint(0, 3)
+
+
+def check_depth(depth):
+    """The depth a forward runs at: `depth` itself (a non-negative int), or a draw when None."""
+    if depth is None:
+        return draw_depth()
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int or None (draw 0-3), got {depth!r}")
+    return depth
 
 
 class DynamicNet(nn.Module):
@@ -91,31 +108,10 @@ def _network(x, inp, hid, out, depth):
         raise
 
 
-# FSDP2 and fusion="network". fully_shard(layer) replaces the layer's parameters by shards and
-# gathers them in a forward pre-hook on the layer (and re-gathers them in a hook before its
-# backward, reduce-scatters the gradients after it, frees the gathered copy after forward when
-# reshard_after_forward is set, casts for a MixedPrecisionPolicy, records the order for
-# prefetching). The network op never calls the layers, so those hooks would not run and the op
-# would see shards. Of the ways to give one op the gathered parameters:
-#   - gather by hand with FSDPModule.unshard()/reshard(): public, but it only gathers; the
-#     post-backward reduce-scatter, the pre-backward re-gather, the input casts and the prefetch
-#     bookkeeping would have to be rebuilt outside FSDP;
-#   - fall back to one op per layer when a layer is sharded: gives up the network fusion;
-#   - ask users to shard only the root (or group the layers): works (root-only wrapping does),
-#     but the per-module recipe FSDP documents would keep failing;
-#   - run each sharded layer's own FSDP pre- and post-forward hooks around the one op, as if the
-#     op were the forward of every layer it reads: FSDP then does all of the above itself,
-#     exactly as for a layer called normally. That is what this does - the same two calls that
-#     torch.distributed.fsdp.register_fsdp_forward_method wraps around a method, made here for
-#     several layers around one op (register_fsdp_forward_method can only wrap a method of one
-#     module). FSDPModule._get_fsdp_state and the state's _pre_forward/_post_forward are FSDP's
-#     own, not public API: tests/test_fsdp.py checks the behaviour (gather, reshard, one
-#     reduce-scatter per layer inside the backward, results equal to one process) on every run.
-# The hooks run in the layers' forward order, so FSDP records the order a per-layer forward
-# would (what its backward prefetching follows); the input passes through each pre-hook, which
-# ties each layer's post-backward reduce-scatter to the op's backward, and FSDP's final backward
-# callback reduce-scatters any layer whose hook autograd did not reach (an input that needs no
-# gradient). At depth 0 the hidden layer is not part of the call, as when stock skips it.
+# FSDP2 and fusion="network": the op never calls the layers, so FSDP's forward hooks (gather, reshard, re-gather
+# and reduce-scatter around the backward) would not run; running each sharded layer's own hooks around the one
+# op lets FSDP do all of it as for a layer called normally (the alternatives weighed: README, "Scaling out").
+# The hooks are FSDP's private _pre_forward/_post_forward: tests/test_fsdp.py checks the behaviour on every run.
 
 
 def _fsdp_forward(layers, fn, x, *args):

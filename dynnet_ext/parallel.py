@@ -29,8 +29,8 @@ are redistributed by DTensor to a rule's placements, as for any op: RowwiseParal
 FusedLinearReLU for that reason, and DynamicNet(fusion="network") given tensor-parallel
 parameters says to use fusion="layer".
 
-The rules are registered when this module is imported, and by `import dynnet_ext` when DTensor
-(torch.distributed.tensor) is already loaded then.
+The rules are registered when this module is imported: by `import dynnet_ext` when DTensor
+(torch.distributed.tensor) is already loaded then, else as soon as DTensor is imported.
 """
 
 from functools import partial

@@ -1,21 +1,18 @@
 """Stock PyTorch versions of everything dynnet_ext fuses: what every test and benchmark
-compares against. No dynnet_ext code is used here."""
+compares against - the seed's stock model and the stock formulas.
 
-import random
+Dependency direction: this module imports from production - the stock formulas from the op modules
+(dynnet_ext.ops.linear_relu, .dynamic_net), the depth rule from models.py - and production never imports it."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("relu", "none")
+from .models import check_depth
+from .ops.dynamic_net import stock_dynamic_net as dynamic_net
+from .ops.linear_relu import ACTIVATIONS
+from .ops.linear_relu import stock_linear_act as linear_act
 
-
-def linear_act(x, weight, bias=None, activation="relu"):
-    """act(x @ weight.T + bias) with stock ops. x: (*, in), weight: (out, in), bias: (out,)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    y = F.linear(x, weight, bias)
-    return F.relu(y) if activation == "relu" else y
+__all__ = ["ACTIVATIONS", "DynamicNet", "dynamic_net", "linear_act", "linear_act_backward"]
 
 
 def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
@@ -26,28 +23,6 @@ def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
     y = linear_act(*leaves[:2], leaves[2] if bias is not None else None, activation)
     grads = torch.autograd.grad(y, leaves, grad_y)
     return grads[0], grads[1], grads[2] if bias is not None else None
-
-
-def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
-    """DynamicNet's forward as a function of its parameters, with stock ops (w_h, b_h may be None
-    at depth 0). x: (*, D_in) -> (*, D_out)."""
-    h = F.relu(F.linear(x, w_in, b_in))
-    for _ in range(depth):
-        h = F.relu(F.linear(h, w_h, b_h))
-    return F.linear(h, w_out, b_out)
-
-
-def draw_depth():
-    """How many times the hidden layer is reused: 0 to 3, drawn with Python's `random`, as the seed does."""
-    return random.randint(0, 3)
-
-
-def check_depth(depth):
-    if depth is None:
-        return draw_depth()
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be a non-negative int or None (draw 0-3), got {depth!r}")
-    return depth
 
 
 class DynamicNet(nn.Module):

@@ -4,7 +4,7 @@
     python scripts/apply_cuda_thresholds.py --check FILE      # exit 1 if the source differs from FILE
 
 FILE is the crossover sweep's thresholds.json (scripts/gpu_check.sh writes it on a GPU: measured)
-or `python -m dynnet_ext.gpu_model --thresholds FILE` (the performance model's predictions). Its
+or `python scripts/gpu_model.py --thresholds FILE` (the performance model's predictions). Its
 "table" object has the keys of dynnet_ext.ops.cuda_dispatch_table(); entries it leaves out keep
 their current defaults. This rewrites the block between the DEFAULTS markers of
 csrc/cuda/paths.h (rebuild the extension afterwards). Without rebuilding, DYNNET_EXT_CUDA_TABLE=FILE

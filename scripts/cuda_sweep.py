@@ -1,5 +1,5 @@
 """The crossover sweep of the CUDA paths: each path forced, float32 / tf32 / bfloat16 / float16,
-layer and network, from the seed's shapes to 4096^3 (dynnet_ext.gpu_model.LAYER_SWEEP and
+layer and network, from the seed's shapes to 4096^3 (scripts/gpu_model.py's LAYER_SWEEP and
 NET_SWEEP), timed on the GPU; the thresholds fitted from the measurements (gpu_model.fit, as the
 model's are) go to one JSON file that scripts/apply_cuda_thresholds.py reads:
 
@@ -28,8 +28,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: gpu_model
 
-from dynnet_ext import gpu_model, ops  # noqa: E402
+import gpu_model  # noqa: E402
+from dynnet_ext import ops  # noqa: E402
 
 SWEPT = ("float32", "tf32", "bfloat16", "float16")
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

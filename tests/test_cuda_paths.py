@@ -146,7 +146,7 @@ def test_a_wrong_environment_path_fails_every_cuda_call_saying_why():
     assert proc.stdout.split()[-1] == "auto"
 
 
-def test_environment_table_is_read_at_import(tmp_path):
+def test_environment_table_is_read_on_first_use(tmp_path):
     f = tmp_path / "thresholds.json"
     f.write_text(json.dumps({"source": "test", "table": {
         "layer_forward_custom_max_flops": {"bfloat16": 12345.0}, "lt_relu_keeps_nan": True}}))
@@ -161,10 +161,17 @@ def test_environment_table_is_read_at_import(tmp_path):
     assert json.loads(proc.stdout) == [12345.0, True, True]
 
 
-def test_a_wrong_environment_table_fails_the_import(tmp_path):
+def test_a_wrong_environment_table_fails_its_first_use_not_the_import(tmp_path):
     f = tmp_path / "thresholds.json"
     f.write_text(json.dumps({"table": {"layer_forward_custom_max_flop": {"float32": 1.0}}}))
-    proc = _python("import dynnet_ext", {"DYNNET_EXT_CUDA_TABLE": str(f)})
+    proc = _python("""
+        import dynnet_ext
+        from dynnet_ext import ops
+        print("imported", flush=True)
+        ops.cuda_dispatch_table()
+    """, {"DYNNET_EXT_CUDA_TABLE": str(f)})
+    assert proc.stdout.split() == ["imported"]
+    assert "DYNNET_EXT_CUDA_TABLE" in proc.stderr
     assert proc.returncode != 0
     assert "has no entry 'layer_forward_custom_max_flop'" in proc.stderr
 

@@ -1,4 +1,4 @@
-"""The performance model of the CUDA paths (dynnet_ext/gpu_model.py) and the way its thresholds
+"""The performance model of the CUDA paths (scripts/gpu_model.py) and the way its thresholds
 reach the source (scripts/apply_cuda_thresholds.py): the model runs, its thresholds are the
 compiled defaults of csrc/cuda/paths.h, the kernel headers carry its current tables, and its
 predictions have the shape the design rests on. All predictions; nothing here runs a GPU."""
@@ -11,9 +11,12 @@ import sys
 
 import pytest
 
-from dynnet_ext import gpu_model, ops
+from dynnet_ext import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("gpu_model", os.path.join(ROOT, "scripts", "gpu_model.py"))
+gpu_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_model)
 APPLY = os.path.join(ROOT, "scripts", "apply_cuda_thresholds.py")
 PATHS_H = os.path.join(ROOT, "csrc", "cuda", "paths.h")
 

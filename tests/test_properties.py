@@ -362,7 +362,7 @@ def test_invalid_inputs_raise_named_errors(kind, data, requires_grad):
 
 
 # A call with any argument on 'meta' (or fake) is dispatched to the fake kernel in
-# dynnet_ext/ops.py, not to the C++ kernels: it must reject the same inputs with the same
+# dynnet_ext/ops/, not to the C++ kernels: it must reject the same inputs with the same
 # messages (once found returning uninitialised memory for a meta bias with CPU x/weight).
 @pytest.mark.parametrize("bias_len", [5, 7])
 def test_bias_on_meta_with_cpu_x_is_rejected(bias_len):

@@ -130,12 +130,42 @@ def test_what_has_no_tensor_parallel_form_says_so(tp_run):
         assert "ColwiseParallel" in r["rowwise_relu_error"], r["rowwise_relu_error"]
 
 
-def test_import_registers_the_sharding_rules_when_dtensor_is_loaded():
-    """`import dynnet_ext` after DTensor gives the ops their rules (dynnet_ext.parallel does it
-    always), with every non-tensor argument in DTensor's cache key: a rule chosen for
+IMPORT_ORDERS = {
+    "dtensor_first": "import sys, torch.distributed.tensor as dt, dynnet_ext, torch\n",
+    # DTensor imported after dynnet_ext: the rules come with it, and not before it is imported.
+    # (with torch versions whose dynamo imports DTensor, `import dynnet_ext` loads it already; the
+    # hook that registers the rules when DTensor comes later is tested by itself below)
+    "dynnet_ext_first": "import sys, dynnet_ext\nimport torch.distributed.tensor as dt, torch\n",
+}
+
+
+def test_after_import_hook_runs_once_the_module_is_imported(tmp_path, monkeypatch):
+    """What `import dynnet_ext` installs when DTensor is not loaded yet: the rules are registered
+    right after DTensor's module has run, by whoever imports it."""
+    import dynnet_ext
+
+    (tmp_path / "late_module.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = dynnet_ext._AfterImport("late_module", lambda: seen.append(sys.modules["late_module"].VALUE))
+    sys.meta_path.insert(0, hook)
+    try:
+        assert seen == [] and hook in sys.meta_path
+        import late_module  # noqa: F401
+        assert seen == [7] and hook not in sys.meta_path
+    finally:
+        sys.modules.pop("late_module", None)
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+
+
+@pytest.mark.parametrize("order", IMPORT_ORDERS)
+def test_import_registers_the_sharding_rules_when_dtensor_is_loaded(order):
+    """Whatever the import order, DTensor comes with the ops' rules (dynnet_ext.parallel
+    registers them), with every non-tensor argument in DTensor's cache key: a rule chosen for
     activation='none' (row-parallel, Partial) must not be reused for 'relu'."""
     code = (
-        "import sys, torch.distributed.tensor as dt, dynnet_ext, torch\n"
+        IMPORT_ORDERS[order] +
         "assert 'dynnet_ext.parallel' in sys.modules\n"
         "prop = dt.DTensor._op_dispatcher.sharding_propagator\n"
         "ops = torch.ops.dynnet\n"
@@ -143,6 +173,17 @@ def test_import_registers_the_sharding_rules_when_dtensor_is_loaded():
         "(ops.dynamic_net_backward, 6)):\n"
         "    assert op.default in prop.op_strategy_funcs, op\n"
         "    assert prop.op_to_schema_info[op.default].static_argnum == static, op\n"
+        # ... and DTensors reach the kernel through them (one process, a one-rank mesh)
+        "import tempfile, torch.distributed as dist\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "dist.init_process_group('gloo', init_method='file://' + tempfile.mktemp(), rank=0, world_size=1)\n"
+        "mesh = init_device_mesh('cpu', (1,))\n"
+        "x, w, b = (dt.distribute_tensor(torch.randn(*s), mesh, [dt.Replicate()]) for s in ((4, 3), (5, 3), (5,)))\n"
+        "before = dynnet_ext.kernel_calls()['cpu']['linear_relu']\n"
+        "y = dynnet_ext.functional.fused_linear_relu(x, w, b)\n"
+        "assert isinstance(y, dt.DTensor) and dynnet_ext.kernel_calls()['cpu']['linear_relu'] > before\n"
+        "torch.testing.assert_close(y.to_local(), torch.relu(x.to_local() @ w.to_local().T + b.to_local()))\n"
+        "dist.destroy_process_group()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,7 @@
 // decides whether cuBLASLt's RELU epilogue may be used (it is not, until then).
 //
 // Performance model per path: gemm.cuh (custom) and vendor.cuh (vendor) headers;
-// dynnet_ext/gpu_model.py computes the predictions and the default thresholds.
+// scripts/gpu_model.py computes the predictions and the default thresholds.
 
 #pragma once
 

@@ -24,7 +24,7 @@
 // Why FLOPs: the custom kernels win where time is set by launches and the serial chain of
 // memory round trips, which grow far slower than FLOPs; the vendor GEMMs win where FLOPs (tensor
 // cores, TF32) or big-tile efficiency set the time. Between the two the crossover is close to a
-// FLOP count per precision (the performance model, dynnet_ext/gpu_model.py, predicts it; the
+// FLOP count per precision (the performance model, scripts/gpu_model.py, predicts it; the
 // device check's crossover sweep measures it).
 //
 // The table's defaults below come from that model until a GPU has measured them. The sweep in

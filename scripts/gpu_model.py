@@ -2,11 +2,14 @@
 predicted ratios against stock PyTorch, and the dispatch table's default thresholds derived from
 them (csrc/cuda/paths.h).
 
-    python -m dynnet_ext.gpu_model                      # the prediction tables and ratios
-    python -m dynnet_ext.gpu_model --thresholds FILE    # the thresholds the model predicts, as JSON
-    python -m dynnet_ext.gpu_model --write-headers      # the MODEL blocks of the kernel headers
-    python -m dynnet_ext.gpu_model --check              # exit 1 unless headers and paths.h agree
+    python scripts/gpu_model.py                         # the prediction tables and ratios
+    python scripts/gpu_model.py --thresholds FILE       # the thresholds the model predicts, as JSON
+    python scripts/gpu_model.py --write-headers         # the MODEL blocks of the kernel headers
+    python scripts/gpu_model.py --check                 # exit 1 unless the headers' MODEL blocks are the model's
+    python scripts/apply_cuda_thresholds.py --check FILE  # exit 1 unless paths.h's defaults are FILE's thresholds
     python scripts/apply_cuda_thresholds.py FILE        # a thresholds file made the source's defaults
+
+A source-checkout tool (it reads and rewrites csrc/), not part of the installed package.
 
 Everything here is a prediction from first principles (bytes over bandwidth, FLOPs over rate, plus
 launch and latency terms), not a measurement: scripts/gpu_check.sh measures the same rows on the
@@ -425,7 +428,7 @@ MODEL_BLOCK = re.compile(r"// MODEL BEGIN[^\n]*\n(?://[^\n]*\n)*?// MODEL END\n"
 
 
 def header_text(path, text):
-    block = "// MODEL BEGIN (python -m dynnet_ext.gpu_model --write-headers; predictions, not measurements)\n"
+    block = "// MODEL BEGIN (python scripts/gpu_model.py --write-headers; predictions, not measurements)\n"
     block += "".join(f"//   {line}".rstrip() + "\n" for line in HEADERS[path]()) + "// MODEL END\n"
     if not MODEL_BLOCK.search(text):
         raise SystemExit(f"{path}: no // MODEL BEGIN ... // MODEL END block")
@@ -433,14 +436,14 @@ def header_text(path, text):
 
 
 def check(root=ROOT):
-    """The problems: headers whose MODEL block is not the model's, a paths.h whose defaults are not
-    the model's thresholds (while its DEFAULTS block says they come from the model)."""
+    """The problems: kernel headers whose MODEL block is not the model's. (Whether paths.h's
+    defaults are the model's thresholds is scripts/apply_cuda_thresholds.py --check's question.)"""
     problems = []
     for rel in HEADERS:
         with open(os.path.join(root, rel)) as f:
             text = f.read()
         if header_text(rel, text) != text:
-            problems.append(f"{rel}: its MODEL block differs from the model (python -m dynnet_ext.gpu_model --write-headers)")
+            problems.append(f"{rel}: its MODEL block differs from the model (python scripts/gpu_model.py --write-headers)")
     return problems
 
 

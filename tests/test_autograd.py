@@ -1,7 +1,7 @@
 """The autograd of the fused layer, both ways it exists: the C++ formula on the Autograd key
 (what torch.ops.dynnet.linear_relu and the functional forms use) and the Python
 LinearReLUFunction. Gradcheck, needs_input_grad, saved tensors, double backward, fallbacks,
-autocast, torch.compile."""
+autocast, torch.compile; and the C++ nodes (layer and network) pinned to the Python formulas."""
 
 import pytest
 import torch
@@ -230,3 +230,58 @@ def test_eager_fast_path_matches_torch_ops(device, ran):
     g_slow = torch.autograd.grad(slow.sum(), (x, w, b))
     assert len(g_fast) == len(g_slow) == 3
     assert all(torch.equal(a, c) for a, c in zip(g_fast, g_slow))
+
+
+# ---- the C++ node states the formulas again: pinned to the Python statement ----------------------
+# csrc/autograd.cpp's nodes (what eager calls run) compute the gradients with the backward kernels,
+# or, when the backward is recorded, with their own stock-op copy of the formulas. Both must give
+# what the Python formulas of dynnet_ext.ops.linear_relu / .dynamic_net give for the same inputs.
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("recorded", [False, True], ids=["kernel", "recorded"])
+def test_cpp_layer_node_matches_the_python_formulas(dtype, activation, bias, recorded):
+    from dynnet_ext.ops.functorch import rows
+    from dynnet_ext.ops.linear_relu import bias_grad, input_grad, relu_mask, weight_grad
+
+    x, w, b = leaves((3, 5), 7, 6, "cpu", dtype=dtype, bias=bias)
+    y = torch.ops.dynnet.linear_relu(x, w, b, activation)
+    assert "CppNode<dynnet::(anonymous namespace)::LinearReLU>" in y.grad_fn.name()
+    grad_y = torch.randn_like(y)
+    inputs = [t for t in (x, w, b) if t is not None]
+    got = torch.autograd.grad(y, inputs, grad_y, create_graph=recorded)
+    g = relu_mask(grad_y, y.detach() if activation == "relu" else None)
+    want = [input_grad(g, w.detach()), weight_grad(rows(g), rows(x.detach())), bias_grad(rows(g))][:len(inputs)]
+    for name, a, e in zip("xwb", got, want):
+        torch.testing.assert_close(a.detach(), e, **tol(dtype), msg=f"grad_{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("recorded", [False, True], ids=["kernel", "recorded"])
+def test_cpp_network_node_matches_the_python_formulas(dtype, depth, recorded):
+    from dynnet_ext.ops.dynamic_net import net_grads_per_sample, stock_activations
+
+    D_in, H, D_out, lead = 7, 5, 3, (2, 4)
+    x = torch.randn(*lead, D_in, dtype=dtype, requires_grad=True)
+    params = [torch.randn(*shape, dtype=dtype, requires_grad=True)
+              for shape in ((H, D_in), (H,), (H, H), (H,), (D_out, H), (D_out,))]
+    if depth == 0:
+        params[2] = params[3] = None  # the hidden layer takes no part
+    out, _ = torch.ops.dynnet.dynamic_net(x, *params, depth)
+    assert "CppNode<dynnet::(anonymous namespace)::DynamicNet>" in out.grad_fn.name()
+    grad_out = torch.randn_like(out)
+    inputs = [t for t in (x, *params) if t is not None]
+    got = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=recorded))
+
+    x_, (w_in, b_in, w_h, b_h, w_out, _) = x.detach(), [None if p is None else p.detach() for p in params]
+    acts = torch.stack(stock_activations(x_, w_in, b_in, w_h, b_h, depth)).reshape(depth + 1, 1, -1, H)
+    mask = [True, True, True, depth > 0, depth > 0, True, True]
+    want = net_grads_per_sample(grad_out.reshape(1, -1, D_out), x_.reshape(1, -1, D_in), w_in, w_h, w_out, acts,
+                                depth, mask)
+    for name, m, e in zip(("x", "w_in", "b_in", "w_h", "b_h", "w_out", "b_out"), mask, want):
+        if m:
+            a = next(got).detach()
+            torch.testing.assert_close(a, e.reshape(a.shape), **tol(dtype), msg=f"grad_{name}")
