@@ -650,7 +650,7 @@ void compute_any(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int
 // out[j - c0] = the sum over rows i, in order, of g(i, j) - where y is given, masked by ReLU's
 // backward (y(i, j) <= 0 gives 0; NaN in y lets g through) - for columns [c0, c1); g and y
 // row-major (row strides ld, y_ld), fp32 sums rounded once to T: the half types' grad_bias
-// (float32 keeps kernels.h's double sums). Columns are summed independently, so any split of
+// (float32 keeps building_blocks.h's double sums). Columns are summed independently, so any split of
 // the columns gives the same bits.
 template <class I, typename T>
 void column_sums(const void* g_, int64_t ld, const void* y_, int64_t y_ld, int64_t rows, int64_t c0, int64_t c1,
