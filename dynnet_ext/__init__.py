@@ -15,7 +15,7 @@ import importlib.util
 import sys
 
 from . import functional, nn, reference
-from .fuse import FuseReport, fuse
+from .fuse import FuseReport, fuse, register_activation
 from .models import DynamicNet
 from .nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 from .ops import ACTIVATIONS, BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
@@ -58,4 +58,4 @@ __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "DynamicNet", "FuseReport", "FusedLinear", "FusedLinearGELU", "FusedLinearReLU",
            "FusedLinearSiLU", "LinearReLUFunction", "fuse", "functional", "nn", "reference", "has_kernels",
-           "kernel_calls", "BUILD_INFO"]
+           "kernel_calls", "register_activation", "BUILD_INFO"]
