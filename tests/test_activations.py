@@ -6,6 +6,7 @@ autocast, and the modules as drop-ins for nn.Linear + nn.GELU / nn.SiLU. (torch.
 of tests/test_torch_func.py; fuse: tests/test_fuse.py.)"""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -270,3 +271,15 @@ def test_rowwise_parallel_refuses_an_activation(activation):
     layer = fused_module(activation, 4, 4)
     with pytest.raises(ValueError, match=f"RowwiseParallel cannot shard a {type(layer).__name__}.*ColwiseParallel"):
         RowwiseParallel()._apply(layer, None)
+
+
+@pytest.mark.parametrize("activation", NEW)
+def test_whole_module_pickles_and_copies(activation, tmp_path, ran):
+    layer = fused_module(activation, 6, 3)
+    path = tmp_path / "layer.pt"
+    torch.save(layer, path)
+    for other in (torch.load(path, weights_only=False), copy.deepcopy(layer)):
+        assert type(other) is type(layer) and other.activation == activation and repr(other) == repr(layer)
+        x = torch.randn(4, 6)
+        with ran("linear_relu"):
+            assert torch.equal(other(x), layer(x))
