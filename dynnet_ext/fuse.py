@@ -332,7 +332,7 @@ class _Context:
         for node in graph.nodes:
             if node.op == "call_module" and node.target in linears:
                 calls[node.target].append(node)
-        acts = {}  # linear name -> (activation, the activation node after each of its calls)
+        acts = {}  # linear name -> [(activation node, form, activation)] for each of its calls
         for name, lin in linears.items():
             qual = _join(path, name)
             if not calls[name]:
@@ -351,8 +351,8 @@ class _Context:
                     break
                 found.append((users[0], *act))
             if reason is None and len({a for _, _, a in found}) > 1:
-                names = ", ".join(sorted({LABELS[a] for _, _, a in found}))
-                reason = f"its calls feed different activations ({names}), which one fused layer cannot apply"
+                kinds = ", ".join(sorted({LABELS[a] for _, _, a in found}))
+                reason = f"its calls feed different activations ({kinds}), which one fused layer cannot apply"
             if reason is None:
                 reason = self.why_not(lin, "the Linear")
             if reason is None:

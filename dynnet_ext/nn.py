@@ -47,8 +47,9 @@ class FusedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear):
         """The fused layer computing what `linear` (an nn.Linear) computes, plus the ReLU for
-        FusedLinearReLU (GELU, SiLU for the others), with `linear`'s parameters: the same Parameter objects, so nothing is
-        copied, no random numbers are drawn, and optimizers that hold them keep working."""
+        FusedLinearReLU (the GELU, SiLU for FusedLinearGELU, FusedLinearSiLU), with `linear`'s
+        parameters: the same Parameter objects, so nothing is copied, no random numbers are
+        drawn, and optimizers that hold them keep working."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
@@ -89,6 +90,7 @@ class FusedLinearGELU(FusedLinear):
 
     @classmethod
     def from_linear(cls, linear, approximate="none"):
+        """FusedLinear.from_linear, with the GELU's `approximate` ("none" or "tanh")."""
         _check_approximate(approximate)
         layer = super().from_linear(linear)
         layer.approximate = approximate
