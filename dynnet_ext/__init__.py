@@ -1,11 +1,13 @@
-"""dynnet_ext: fused Linear + bias + ReLU kernels (C++ on CPU, CUDA on GPU) for PyTorch, and the
-dynamic-depth DynamicNet built on them.
+"""dynnet_ext: fused Linear + bias + ReLU kernels (C++ on CPU, CUDA on GPU) for PyTorch, the
+Linear + GELU / SiLU layers built on them, and the dynamic-depth DynamicNet.
 
     import dynnet_ext
     model = dynnet_ext.DynamicNet(1000, 100, 10)          # the seed's model, fused layers
     layer = dynnet_ext.nn.FusedLinearReLU(1000, 100)       # drop-in for nn.Linear + nn.ReLU
+    layer = dynnet_ext.nn.FusedLinearGELU(1000, 100)       # nn.Linear + nn.GELU (FusedLinearSiLU: + nn.SiLU)
     y = dynnet_ext.functional.fused_linear_relu(x, w, b)   # functional form
-    fused = dynnet_ext.fuse(existing_model)                # nn.Linear + ReLU -> FusedLinearReLU
+    y = dynnet_ext.functional.fused_linear_act(x, w, b, "gelu")  # relu, gelu, gelu_tanh, silu, none
+    fused = dynnet_ext.fuse(existing_model)                # nn.Linear + ReLU/GELU/SiLU -> fused layers
 """
 
 import importlib.abc
@@ -13,9 +15,10 @@ import importlib.util
 import sys
 
 from . import functional, nn, reference
-from .fuse import FuseReport, fuse
+from .fuse import FuseReport, fuse, register_activation
 from .models import DynamicNet
-from .ops import BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
+from .nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
+from .ops import ACTIVATIONS, BUILD_INFO, LinearReLUFunction, has_kernels, kernel_calls
 
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs `then()` right after module `name` is first imported, whoever imports it (once)."""
@@ -53,4 +56,6 @@ else:
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicNet", "FuseReport", "LinearReLUFunction", "fuse", "functional", "nn", "reference", "has_kernels", "kernel_calls", "BUILD_INFO"]
+__all__ = ["ACTIVATIONS", "DynamicNet", "FuseReport", "FusedLinear", "FusedLinearGELU", "FusedLinearReLU",
+           "FusedLinearSiLU", "LinearReLUFunction", "fuse", "functional", "nn", "reference", "has_kernels",
+           "kernel_calls", "register_activation", "BUILD_INFO"]

@@ -6,7 +6,8 @@ argument handling; torch.compile and tensors with __torch_function__ get torch.o
 torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) or a
 torch.autograd.forward_ad dual level, which refuse the C++ autograd node, the same op goes
 through the Python autograd.Functions of dynnet_ext.ops (one module per op), which carry vmap
-and jvp rules.
+and jvp rules. fused_linear_act's GELU and SiLU are that op without activation followed by
+stock's activation op (dynnet_ext.ops.activations), so they take each of these routes too.
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
 float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through
@@ -18,6 +19,7 @@ from torch.overrides import has_torch_function
 
 from .ops import FORCE_STOCK, SUPPORTED_DTYPES, DynamicNetFunction, LinearReLUJvpFunction, _C, has_kernels, transforms_active
 from .ops import cuda_paths
+from .ops.activations import KERNEL_ACTIVATIONS, check_activation, stock_activation
 from .ops.dynamic_net import stock_dynamic_net
 from .ops.linear_relu import stock_linear_act
 
@@ -74,6 +76,20 @@ def fused_linear_relu(x, weight, bias=None):
 def fused_linear(x, weight, bias=None):
     """x @ weight.T + bias (no activation), same kernels. x: (*, in), weight: (out, in), bias: (out,) or None -> (*, out)."""
     return _linear(x, weight, bias, "none")
+
+
+def fused_linear_act(x, weight, bias=None, activation="relu"):
+    """act(x @ weight.T + bias), act one of "relu", "gelu" (F.gelu, exact), "gelu_tanh"
+    (F.gelu(approximate="tanh")), "silu" (F.silu), "none". x: (*, in), weight: (out, in), bias:
+    (out,) or None -> (*, out).
+
+    relu and none: the same fused op as fused_linear_relu / fused_linear. gelu, gelu_tanh and
+    silu: the fused linear (the 'none' op) followed by stock's activation op, which saves the
+    pre-activation for its backward, as stock nn.Linear + nn.GELU / nn.SiLU do."""
+    if activation in KERNEL_ACTIVATIONS:
+        return _linear(x, weight, bias, activation)
+    check_activation(activation)
+    return stock_activation(_linear(x, weight, bias, "none"), activation)
 
 
 def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):

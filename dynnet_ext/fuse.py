@@ -1,31 +1,51 @@
 """dynnet_ext.fuse(model): put the fused layers into an existing model.
 
-Each nn.Linear whose output feeds only a ReLU (nn.ReLU, F.relu, torch.relu, .relu(), their
-in-place forms) becomes one FusedLinearReLU, and the ReLU goes; with linear=True every other
-nn.Linear becomes a FusedLinear. Two ways to see what feeds what:
+Each nn.Linear whose output feeds only an activation becomes one fused layer, and the
+activation goes; with linear=True every other nn.Linear becomes a FusedLinear. The activations:
 
-- nn.Sequential: directly. A Linear at position i followed by an nn.ReLU at i + 1 becomes
-  FusedLinearReLU at i and nn.Identity at i + 1: the positions, and so the state_dict keys, stay.
+    ReLU       -> FusedLinearReLU    nn.ReLU, F.relu, torch.relu, .relu(), their in-place forms
+    GELU       -> FusedLinearGELU    nn.GELU(), F.gelu(x) (torch.nn.functional.gelu)
+    GELU-tanh  -> FusedLinearGELU(approximate="tanh")
+                                     nn.GELU(approximate="tanh"), F.gelu(x, approximate="tanh")
+    SiLU       -> FusedLinearSiLU    nn.SiLU, F.silu (torch.nn.functional.silu), in place or not
+
+and the activation modules of other libraries, known by their class's qualified name (no import
+of the library): transformers.activations' GELUActivation (GELU), NewGELUActivation,
+PytorchGELUTanh / GELUTanh (GELU-tanh) and SiLUActivation (SiLU); timm's models use nn.GELU and
+nn.SiLU. More with register_activation(cls_or_qualified_name, activation), e.g.
+`dynnet_ext.fuse.register_activation("mylib.layers.Swish", "silu")`: only for a class whose
+forward computes what stock's op for that activation computes (the fused layer replaces it).
+Activation modules match by exact class, not subclasses.
+
+Two ways to see what feeds what:
+
+- nn.Sequential: directly. A Linear at position i followed by an activation module at i + 1
+  becomes the fused layer at i and nn.Identity at i + 1: the positions, and so the state_dict
+  keys, stay.
 - any other module that calls Linear layers: its forward is traced with torch.fx (every
-  submodule a leaf: each module is fused on its own), the ReLU after each fusable call is
+  submodule a leaf: each module is fused on its own), the activation after each fusable call is
   removed from the graph, and the module is replaced by a torch.fx.GraphModule that runs the
   rewritten graph on the module's own submodules, parameters and buffers (same names: the
   state_dict keys stay too). A GraphModule is not the original class: forward is the traced
   graph, other methods and attributes of the class are not kept.
 
 What is left alone, with the reason in the report: a Linear whose output is also used by
-anything but the ReLU (an in-place ReLU on a tensor used elsewhere included), a Linear called
-several times where not every call feeds a ReLU, modules (Linear, ReLU or the traced one) with
-hooks, module objects that appear at two places in the model, and modules whose forward torch.fx
+anything but the activation (an in-place activation on a tensor used elsewhere included), a
+Linear called several times where not every call feeds the same activation, modules (Linear,
+activation or the traced one) with hooks, module objects that appear at two places in the model, and modules whose forward torch.fx
 cannot capture as one static graph: tracing fails (data-dependent control flow), forward takes
 optional or variadic arguments, or the graph differs between traces (control flow on random
 draws, like the seed's random depth, or on self.training: fuse traces TRACES_PER_MODE times in
 train and in eval mode). Modules of torch.nn other than the containers, and dynnet_ext's own, are
 not entered.
 
-In-place ReLU: nn.ReLU(inplace=True), F.relu(x, inplace=True), x.relu_() right after a Linear
-whose output nothing else uses are fused like out-of-place ones: on a fresh tensor with no
-other reader, in place and out of place give the same values and gradients.
+In-place activations: nn.ReLU(inplace=True), F.relu(x, inplace=True), x.relu_(),
+nn.SiLU(inplace=True), F.silu(x, inplace=True) right after a Linear whose output nothing else
+uses are fused like out-of-place ones: on a fresh tensor with no other reader, in place and out
+of place give the same values and gradients.
+
+The report (FuseReport, logged, and returned with report=True) names each fused pair, how the
+model applied the activation and which fused layer it became ("fc1 + F.gelu (Linear+GELU)").
 
 Parameters are moved, never copied: the fused layers hold the original Parameter objects, so an
 optimizer built on model.parameters() trains the fused model, and no state_dict key changes.
@@ -49,24 +69,69 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import DynamicNet
-from .nn import FusedLinear, FusedLinearReLU
+from .nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 
 log = logging.getLogger(__name__)
 
 TRACES_PER_MODE = 8  # a random depth 0-3 gives 16 equal traces with probability 4 * 4**-16
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
 _RELU_METHODS = ("relu", "relu_")
+_GELU_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# The name each fused activation has in the report, and the fused layer it becomes.
+LABELS = {"relu": "ReLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "silu": "SiLU"}
+_FUSED = {
+    "relu": FusedLinearReLU.from_linear,
+    "gelu": FusedLinearGELU.from_linear,
+    "gelu_tanh": lambda linear: FusedLinearGELU.from_linear(linear, approximate="tanh"),
+    "silu": FusedLinearSiLU.from_linear,
+}
+# Activation modules of other libraries, by qualified class name (module.QualName), so that fuse
+# knows them without importing the library. Each computes what stock's op for its activation
+# computes (transformers.activations; timm uses nn.GELU / nn.SiLU). register_activation adds more.
+_REGISTRY = {
+    "transformers.activations.GELUActivation": "gelu",  # F.gelu (or the same erf formula in Python)
+    "transformers.activations.NewGELUActivation": "gelu_tanh",  # the tanh formula, written out
+    "transformers.activations.PytorchGELUTanh": "gelu_tanh",  # F.gelu(approximate="tanh")
+    "transformers.activations.GELUTanh": "gelu_tanh",  # PytorchGELUTanh's newer name
+    "transformers.activations.SiLUActivation": "silu",  # x * sigmoid(x), or F.silu
+}
+
+
+def register_activation(cls_or_qualified_name, activation):
+    """Make fuse treat modules of a class as `activation` ("relu", "gelu", "gelu_tanh" or
+    "silu"): a Linear whose output feeds only such a module becomes the matching fused layer
+    and the module goes. The class, or its qualified name "package.module.ClassName" (which
+    needs no import of its library). Only exactly that class matches, not its subclasses; the
+    module's forward must compute what stock's op for `activation` computes (F.relu, F.gelu,
+    F.gelu(approximate="tanh"), F.silu), since the fused layer replaces it."""
+    if isinstance(cls_or_qualified_name, type):
+        name = _qualified_name(cls_or_qualified_name)
+    elif isinstance(cls_or_qualified_name, str) and "." in cls_or_qualified_name:
+        name = cls_or_qualified_name
+    else:
+        raise TypeError(f"register_activation expects a class or a qualified name 'module.ClassName', "
+                        f"got {cls_or_qualified_name!r}")
+    if activation not in _FUSED:
+        raise ValueError(f"activation must be one of {tuple(_FUSED)}, got {activation!r}")
+    _REGISTRY[name] = activation
+
+
+def _qualified_name(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass
 class FuseReport:
     """What fuse did, by the Linear layers' qualified names.
 
-    fused: (linear, relu) pairs now one FusedLinearReLU; linear: layers now FusedLinear
-    (linear=True); kept: Linear layers not followed by a ReLU, left as they were (or made
-    FusedLinear); skipped: (linear, reason) for the layers followed by a ReLU that could not be
-    fused safely; traced: modules replaced by a torch.fx.GraphModule of their rewritten forward.
+    fused: (linear, activation form) pairs now one fused layer (FusedLinearReLU, FusedLinearGELU
+    or FusedLinearSiLU), the form saying how the model applied the activation ("nn.ReLU 'act'",
+    "F.gelu", ".relu()", ...); linear: layers now FusedLinear (linear=True); kept: Linear layers
+    not followed by an activation, left as they were (or made FusedLinear); skipped: (linear,
+    reason) for the layers followed by an activation that could not be fused safely; traced:
+    modules replaced by a torch.fx.GraphModule of their rewritten forward; activations:
+    {linear: its activation ("relu", "gelu", "gelu_tanh", "silu")} for each fused pair.
     """
 
     fused: list = field(default_factory=list)
@@ -74,11 +139,16 @@ class FuseReport:
     kept: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     traced: list = field(default_factory=list)
+    activations: dict = field(default_factory=dict)
 
     def __str__(self):
-        lines = [f"dynnet_ext.fuse: {len(self.fused)} Linear+ReLU fused, {len(self.linear)} Linear -> FusedLinear, "
+        counts = [sum(self.activations.get(lin, "relu") == act for lin, _ in self.fused) for act in LABELS]
+        # Linear+ReLU always, the others when there are any.
+        pairs = [f"{n} Linear+{LABELS[act]} fused" for act, n in zip(LABELS, counts) if n or act == "relu"]
+        lines = [f"dynnet_ext.fuse: {', '.join(pairs)}, {len(self.linear)} Linear -> FusedLinear, "
                  f"{len(self.skipped)} left alone"]
-        lines += [f"  fused    {lin} + {relu}" for lin, relu in self.fused]
+        lines += [f"  fused    {lin} + {form} (Linear+{LABELS[self.activations.get(lin, 'relu')]})"
+                  for lin, form in self.fused]
         lines += [f"  linear   {lin}" for lin in self.linear]
         lines += [f"  skipped  {lin}: {reason}" for lin, reason in self.skipped]
         lines += [f"  traced   {name or '(model)'} is now a torch.fx.GraphModule" for name in self.traced]
@@ -86,9 +156,11 @@ class FuseReport:
 
 
 def fuse(model, inplace=False, linear=False, report=False):
-    """Return `model` with each nn.Linear whose output feeds only a ReLU replaced by a
-    FusedLinearReLU (the ReLU removed), and with linear=True every other nn.Linear by a
-    FusedLinear. See the module docstring for what is fused, what is left alone and why.
+    """Return `model` with each nn.Linear whose output feeds only a ReLU, GELU or SiLU replaced
+    by a FusedLinearReLU, FusedLinearGELU or FusedLinearSiLU (the activation removed), and with
+    linear=True every other nn.Linear by a FusedLinear. See the module docstring for what is
+    fused (and register_activation for other libraries' activation modules), what is left alone
+    and why.
 
     Logs the report (logger "dynnet_ext.fuse": INFO, WARNING when something was left alone);
     report=True returns (model, FuseReport) instead of the model.
@@ -106,6 +178,9 @@ def fuse(model, inplace=False, linear=False, report=False):
     result = ctx.report
     log.log(logging.WARNING if result.skipped else logging.INFO, "%s", result)
     return (model, result) if report else model
+
+
+fuse.register_activation = register_activation  # dynnet_ext.fuse is this function
 
 
 class _Untraceable(Exception):
@@ -135,14 +210,43 @@ def _is_builtin(module):
     return not isinstance(module, (*_CONTAINERS, torch.fx.GraphModule)) and type(module).__module__.startswith("torch.")
 
 
-def _relu_name(node, root):
-    """How `node` applies a ReLU to its first argument, or None if it does not."""
-    if node.op == "call_module" and type(root.get_submodule(node.target)) is nn.ReLU:
-        return f"nn.ReLU {node.target!r}"
+def _module_activation(module):
+    """The activation an activation module computes ("relu", "gelu", ...), or None. Exact
+    classes only: a subclass may compute something else."""
+    cls = type(module)
+    if cls is nn.ReLU:
+        return "relu"
+    if cls is nn.GELU:
+        return _GELU_APPROXIMATE.get(module.approximate)
+    if cls is nn.SiLU:
+        return "silu"
+    return _REGISTRY.get(_qualified_name(cls))
+
+
+def _module_form(module, name):
+    cls = type(module)
+    return f"{'nn.' if cls.__module__.startswith('torch.nn') else ''}{cls.__name__} {name!r}"
+
+
+def _activation(node, root):
+    """(form, activation) if `node` applies an activation to its first argument (form: how, for
+    the report), else None."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        activation = _module_activation(module)
+        return None if activation is None else (_module_form(module, node.target), activation)
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return f"{node.target.__module__.replace('torch.nn.functional', 'F')}.{node.target.__name__}"
+        return f"{node.target.__module__.replace('torch.nn.functional', 'F')}.{node.target.__name__}", "relu"
+    if node.op == "call_function" and node.target is F.gelu:  # F.gelu(x, approximate=...)
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        activation = _GELU_APPROXIMATE.get(approximate) if isinstance(approximate, str) else None
+        if activation is None or len(node.args) > 2 or set(node.kwargs) - {"approximate"}:
+            return None
+        return ("F.gelu" if approximate == "none" else f"F.gelu(approximate={approximate!r})"), activation
+    if node.op == "call_function" and node.target is F.silu:  # F.silu(x, inplace=...)
+        return "F.silu", "silu"
     if node.op == "call_method" and node.target in _RELU_METHODS:
-        return f".{node.target}()"
+        return f".{node.target}()", "relu"
     return None
 
 
@@ -180,16 +284,19 @@ class _Context:
             if type(lin) is not nn.Linear:
                 continue
             qual = _join(path, a)
-            if type(act) is not nn.ReLU:
+            activation = _module_activation(act)
+            if activation is None:
                 self.report.kept.append(qual)
                 continue
-            reason = next((r for r in (self.why_not(lin, "the Linear"), self.why_not(act, "the ReLU")) if r), None)
+            reason = next((r for r in (self.why_not(lin, "the Linear"), self.why_not(act, f"the {LABELS[activation]}"))
+                           if r), None)
             if reason:
                 self.report.skipped.append((qual, reason))
                 continue
-            seq._modules[a] = FusedLinearReLU.from_linear(lin)
+            seq._modules[a] = _FUSED[activation](lin)
             seq._modules[b] = nn.Identity()
-            self.report.fused.append((qual, f"nn.ReLU {_join(path, b)!r}"))
+            self.report.fused.append((qual, _module_form(act, _join(path, b))))
+            self.report.activations[qual] = activation
         if names and type(seq._modules[names[-1]]) is nn.Linear:
             self.report.kept.append(_join(path, names[-1]))
 
@@ -225,47 +332,55 @@ class _Context:
         for node in graph.nodes:
             if node.op == "call_module" and node.target in linears:
                 calls[node.target].append(node)
-        relus = {}  # linear name -> the ReLU node after each of its calls
+        acts = {}  # linear name -> [(activation node, form, activation)] for each of its calls
         for name, lin in linears.items():
             qual = _join(path, name)
             if not calls[name]:
                 self.report.kept.append(qual)  # not called by forward (maybe through its weight)
                 continue
+            # The activations among its calls' users (for the reasons below).
+            seen = [a for n in calls[name] for u in n.users if (a := _activation(u, module))]
+            label = LABELS[seen[0][1]] if seen else "ReLU"
             found, reason = [], None
             for node in calls[name]:
                 users = list(node.users)
-                relu = _relu_name(users[0], module) if len(users) == 1 else None
-                if relu is None or users[0].args[:1] != (node,):
+                act = _activation(users[0], module) if len(users) == 1 else None
+                if act is None or users[0].args[:1] != (node,):
                     uses = ", ".join(u.name for u in users) or "nothing"
-                    reason = f"its output is used by {uses}, not only by a ReLU"
+                    reason = f"its output is used by {uses}, not only by a {label}"
                     break
-                found.append((users[0], relu))
+                found.append((users[0], *act))
+            if reason is None and len({a for _, _, a in found}) > 1:
+                kinds = ", ".join(sorted({LABELS[a] for _, _, a in found}))
+                reason = f"its calls feed different activations ({kinds}), which one fused layer cannot apply"
             if reason is None:
                 reason = self.why_not(lin, "the Linear")
             if reason is None:
-                hooked = [n.target for n, _ in found if n.op == "call_module" and _hooks(module.get_submodule(n.target))]
-                reason = f"the ReLU {hooked[0]!r} has hooks, which fusing would skip" if hooked else None
+                hooked = [n.target for n, _, _ in found if n.op == "call_module" and _hooks(module.get_submodule(n.target))]
+                reason = f"the {label} {hooked[0]!r} has hooks, which fusing would skip" if hooked else None
             if reason is not None:
-                if any(_relu_name(u, module) for n in calls[name] for u in n.users):
+                if seen:
                     self.report.skipped.append((qual, reason))
                 else:
                     self.report.kept.append(qual)
                 continue
-            relus[name] = found
-        if not relus:
+            acts[name] = found
+        if not acts:
             for name in constants:
                 delattr(module, name)
             return module
         if _hooks(module) or module._state_dict_hooks or module._load_state_dict_pre_hooks:
             reason = "its module has hooks, which the torch.fx graph module replacing it would not run"
-            self.report.skipped += [(_join(path, name), reason) for name in relus]
+            self.report.skipped += [(_join(path, name), reason) for name in acts]
             return module
-        for name, found in relus.items():
-            _set_submodule(module, name, FusedLinearReLU.from_linear(linears[name]))
-            for node, relu in found:
+        for name, found in acts.items():
+            activation = found[0][2]
+            _set_submodule(module, name, _FUSED[activation](linears[name]))
+            for node, _, _ in found:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
-            self.report.fused.append((_join(path, name), relu))
+            self.report.fused.append((_join(path, name), found[0][1]))
+            self.report.activations[_join(path, name)] = activation
         graph.lint()
         self.report.traced.append(path)
         gm = _graph_module(module, graph)

@@ -1,5 +1,6 @@
-"""Modules: drop-in replacements for nn.Linear (FusedLinear) and nn.Linear + nn.ReLU
-(FusedLinearReLU). Same constructor, parameter names, shapes and initialisation as nn.Linear,
+"""Modules: drop-in replacements for nn.Linear (FusedLinear), nn.Linear + nn.ReLU
+(FusedLinearReLU), nn.Linear + nn.GELU (FusedLinearGELU) and nn.Linear + nn.SiLU
+(FusedLinearSiLU). Same constructor, parameter names, shapes and initialisation as nn.Linear,
 so state_dicts load both ways and the same seed gives the same weights."""
 
 import math
@@ -8,6 +9,10 @@ import torch
 from torch import nn
 
 from . import functional
+
+__all__ = ["FusedLinear", "FusedLinearGELU", "FusedLinearReLU", "FusedLinearSiLU"]
+
+_GELU_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 class FusedLinear(nn.Module):
@@ -42,8 +47,9 @@ class FusedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear):
         """The fused layer computing what `linear` (an nn.Linear) computes, plus the ReLU for
-        FusedLinearReLU, with `linear`'s parameters: the same Parameter objects, so nothing is
-        copied, no random numbers are drawn, and optimizers that hold them keep working."""
+        FusedLinearReLU (the GELU, SiLU for FusedLinearGELU, FusedLinearSiLU), with `linear`'s
+        parameters: the same Parameter objects, so nothing is copied, no random numbers are
+        drawn, and optimizers that hold them keep working."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
@@ -70,3 +76,48 @@ class FusedLinearReLU(FusedLinear):
 
     def forward(self, x):
         return functional.fused_linear_relu(x, self.weight, self.bias)
+
+
+class FusedLinearGELU(FusedLinear):
+    """y = gelu(x @ weight.T + bias), the GELU as nn.GELU(approximate): "none" (exact, erf) or
+    "tanh". x: (*, in_features) -> (*, out_features). The linear is the fused op, the GELU
+    stock's op after it (dynnet_ext.functional.fused_linear_act)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, approximate="none"):
+        _check_approximate(approximate)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.approximate = approximate
+
+    @classmethod
+    def from_linear(cls, linear, approximate="none"):
+        """FusedLinear.from_linear, with the GELU's `approximate` ("none" or "tanh")."""
+        _check_approximate(approximate)
+        layer = super().from_linear(linear)
+        layer.approximate = approximate
+        return layer
+
+    @property
+    def activation(self):
+        return _GELU_APPROXIMATE[self.approximate]
+
+    def forward(self, x):
+        return functional.fused_linear_act(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class FusedLinearSiLU(FusedLinear):
+    """y = silu(x @ weight.T + bias) = z * sigmoid(z), as nn.SiLU. x: (*, in_features) ->
+    (*, out_features). The linear is the fused op, the SiLU stock's op after it
+    (dynnet_ext.functional.fused_linear_act)."""
+
+    activation = "silu"
+
+    def forward(self, x):
+        return functional.fused_linear_act(x, self.weight, self.bias, "silu")
+
+
+def _check_approximate(approximate):
+    if approximate not in _GELU_APPROXIMATE:
+        raise ValueError(f"approximate must be 'none' or 'tanh' (as nn.GELU), got {approximate!r}")

@@ -5,9 +5,9 @@
     parallelize_module(mlp, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
 
 ColwiseParallel and RowwiseParallel are torch's (torch.distributed.tensor.parallel), same
-constructor arguments and behaviour, extended to FusedLinear and FusedLinearReLU (torch's accept
-only nn.Linear and nn.Embedding, by isinstance; the fused layers deliberately do not subclass
-nn.Linear). They shard the parameters as torch does for nn.Linear - column-parallel:
+constructor arguments and behaviour, extended to FusedLinear and FusedLinearReLU / GELU / SiLU
+(torch's accept only nn.Linear and nn.Embedding, by isinstance; the fused layers deliberately do
+not subclass nn.Linear). They shard the parameters as torch does for nn.Linear - column-parallel:
 weight and bias split by output features (Shard(0)); row-parallel: weight split by input features
 (Shard(1)), bias replicated - and convert inputs and outputs the same way.
 
@@ -41,7 +41,7 @@ from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import style
 
-from .nn import FusedLinear, FusedLinearReLU
+from .nn import FusedLinear
 from .ops import _C
 
 __all__ = ["ColwiseParallel", "RowwiseParallel"]
@@ -62,9 +62,9 @@ def _fused_apply(parallel_style, module, device_mesh):
 
 class ColwiseParallel(style.ColwiseParallel):
     """torch.distributed.tensor.parallel.ColwiseParallel that also takes FusedLinear and
-    FusedLinearReLU: weight and bias sharded by output features, the input replicated, the output
-    sharded on its last dimension (Shard(-1)) by default. Same arguments (input_layouts,
-    output_layouts, use_local_output)."""
+    FusedLinearReLU / GELU / SiLU: weight and bias sharded by output features, the input
+    replicated, the output sharded on its last dimension (Shard(-1)) by default (the activations
+    are elementwise). Same arguments (input_layouts, output_layouts, use_local_output)."""
 
     def _apply(self, module, device_mesh):
         if isinstance(module, FusedLinear):
@@ -78,16 +78,18 @@ class RowwiseParallel(style.RowwiseParallel):
     (Shard(-1)) by default, the partial outputs summed into a replicated output by default.
     Same arguments (input_layouts, output_layouts, use_local_output).
 
-    FusedLinearReLU is refused: a row-parallel layer's output is a sum over all ranks, and a
-    ReLU cannot be applied to the parts before that sum."""
+    FusedLinearReLU (and FusedLinearGELU, FusedLinearSiLU) is refused: a row-parallel layer's
+    output is a sum over all ranks, and the activation cannot be applied to the parts before
+    that sum."""
 
     def _apply(self, module, device_mesh):
-        if isinstance(module, FusedLinearReLU):
+        if isinstance(module, FusedLinear) and module.activation != "none":
+            name, act = type(module).__name__, type(module).__name__.removeprefix("FusedLinear")
             raise ValueError(
-                "RowwiseParallel cannot shard a FusedLinearReLU: a row-parallel layer sums its output "
-                "over ranks and the ReLU must come after that sum. Use ColwiseParallel for it (a "
-                "Megatron MLP is FusedLinearReLU column-parallel, then FusedLinear row-parallel), or "
-                "a FusedLinear row-parallel followed by torch.relu.")
+                f"RowwiseParallel cannot shard a {name}: a row-parallel layer sums its output "
+                f"over ranks and the {act} must come after that sum. Use ColwiseParallel for it (a "
+                f"Megatron MLP is {name} column-parallel, then FusedLinear row-parallel), or "
+                f"a FusedLinear row-parallel followed by the {act}.")
         if isinstance(module, FusedLinear):
             self.desired_input_layouts = (Shard(-1),)  # what torch's style sets for nn.Linear
             return _fused_apply(self, module, device_mesh)

@@ -2,17 +2,18 @@
 compares against - the seed's stock model and the stock formulas.
 
 Dependency direction: this module imports from production - the stock formulas from the op modules
-(dynnet_ext.ops.linear_relu, .dynamic_net), the depth rule from models.py - and production never imports it."""
+(dynnet_ext.ops.activations, .linear_relu, .dynamic_net), the depth rule from models.py - and production never imports it."""
 
 import torch
 from torch import nn
 
 from .models import check_depth
 from .ops.dynamic_net import stock_dynamic_net as dynamic_net
-from .ops.linear_relu import ACTIVATIONS
+from .ops.activations import ACTIVATIONS
+from .ops.activations import stock_activation as activation
 from .ops.linear_relu import stock_linear_act as linear_act
 
-__all__ = ["ACTIVATIONS", "DynamicNet", "dynamic_net", "linear_act", "linear_act_backward"]
+__all__ = ["ACTIVATIONS", "DynamicNet", "activation", "dynamic_net", "linear_act", "linear_act_backward"]
 
 
 def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dynnet_ext
-from dynnet_ext.nn import FusedLinear, FusedLinearReLU
+from dynnet_ext.nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 from torchrun import count_collectives, finish, full, kernel_calls_since
 
 N, D, HIDDEN = 6, 8, 12  # the Megatron MLP: D -> HIDDEN (column-parallel, ReLU) -> D (row-parallel)
@@ -18,9 +18,12 @@ SHAPE = {"D_in": 10, "H": 6, "D_out": 4}  # DynamicNet
 DEPTH = 2
 
 
-def megatron_mlp(device):
+FIRST_LAYERS = {"relu": FusedLinearReLU, "gelu": FusedLinearGELU, "silu": FusedLinearSiLU}
+
+
+def megatron_mlp(device, activation="relu"):
     torch.manual_seed(0)
-    return nn.Sequential(FusedLinearReLU(D, HIDDEN, device=device), FusedLinear(HIDDEN, D, device=device))
+    return nn.Sequential(FIRST_LAYERS[activation](D, HIDDEN, device=device), FusedLinear(HIDDEN, D, device=device))
 
 
 def dynamic_net(device, fusion):
@@ -75,6 +78,9 @@ def main():
             "output_layer": RowwiseParallel()}
     net = parallelize_module(dynamic_net(device, "layer"), mesh, plan)
     result = {"mlp": run(mlp, x_mlp), "net": run(net, x_net, DEPTH), "x_mlp": x_mlp, "x_net": x_net}
+    for activation in ("gelu", "silu"):  # the same MLP with a GELU or SiLU layer first
+        result[f"mlp_{activation}"] = run(parallelize_module(megatron_mlp(device, activation), mesh,
+                                                             {"0": ColwiseParallel(), "1": RowwiseParallel()}), x_mlp)
     # DTensors straight into the ops (distribute_module replicates the parameters): the input
     # split by rows (batch-parallel), or replicated.
     layer = distribute_module(megatron_mlp(device)[0], mesh)

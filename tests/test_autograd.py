@@ -3,6 +3,8 @@
 LinearReLUFunction. Gradcheck, needs_input_grad, saved tensors, double backward, fallbacks,
 autocast, torch.compile; and the C++ nodes (layer and network) pinned to the Python formulas."""
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import LinearReLUFunction, reference
-from dynnet_ext.functional import fused_linear, fused_linear_relu
+from dynnet_ext.functional import fused_linear, fused_linear_act, fused_linear_relu
 
 
 PATHS = {
@@ -32,7 +34,11 @@ def leaves(lead, k, n, device, dtype=torch.float64, bias=True):
     return x, w, b
 
 
-@pytest.mark.parametrize("fn", [fused_linear_relu, fused_linear], ids=["relu", "none"])
+FUNCTIONAL = {"relu": fused_linear_relu, "none": fused_linear,
+              **{act: functools.partial(fused_linear_act, activation=act) for act in ("gelu", "gelu_tanh", "silu")}}
+
+
+@pytest.mark.parametrize("fn", FUNCTIONAL.values(), ids=FUNCTIONAL.keys())
 @pytest.mark.parametrize("shape", [((5,), 7, 3), ((2, 3), 4, 6), ((), 5, 2), ((1,), 1, 1)], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck(fn, shape, bias, device, ran):

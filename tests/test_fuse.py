@@ -1,10 +1,12 @@
 """dynnet_ext.fuse on existing models: what it fuses (nn.Sequential directly, other modules through
-torch.fx, every ReLU form), what it leaves alone and why, and that the fused model is the
-original model: same outputs and gradients in train and eval mode and under torch.compile, the
-same Parameter objects, the same state_dict keys."""
+torch.fx, every ReLU, GELU and SiLU form, other libraries' activation modules by class name),
+what it leaves alone and why, and that the fused model is the original model: same outputs and
+gradients in train and eval mode and under torch.compile, the same Parameter objects, the same
+state_dict keys."""
 
 import copy
 import random
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import fuse, reference
-from dynnet_ext.nn import FusedLinear, FusedLinearReLU
+from dynnet_ext.nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 
 KERNELS = ("linear_relu", "linear_relu_backward")
 F32 = tol(torch.float32)
@@ -332,3 +334,208 @@ def test_from_linear_moves_parameters_without_drawing_random_numbers():
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="expects an nn.Module"):
         fuse(lambda x: x)
+
+
+# ---- GELU, GELU-tanh, SiLU, and other libraries' activation modules ------------------------------
+
+FUSE = sys.modules["dynnet_ext.fuse"]  # the module (dynnet_ext.fuse is the function)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """register_activation's registry, restored after the test."""
+    monkeypatch.setattr(FUSE, "_REGISTRY", dict(FUSE._REGISTRY))
+    return FUSE._REGISTRY
+
+
+def act_mlp():
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(approximate="tanh"),
+                         nn.Linear(32, 32), nn.SiLU(inplace=True), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sequential_gelu_silu(mode, device, ran):
+    model = act_mlp().to(device)
+    fused, report = fuse(model, report=True)
+    assert [type(m) for m in fused] == [FusedLinearGELU, nn.Identity, FusedLinearGELU, nn.Identity, FusedLinearSiLU,
+                                        nn.Identity, FusedLinearReLU, nn.Identity, nn.Linear]
+    assert [m.approximate for m in fused[:4:2]] == ["none", "tanh"]
+    assert report.fused == [("0", "nn.GELU '1'"), ("2", "nn.GELU '3'"), ("4", "nn.SiLU '5'"), ("6", "nn.ReLU '7'")]
+    assert report.activations == {"0": "gelu", "2": "gelu_tanh", "4": "silu", "6": "relu"}
+    assert str(report).splitlines() == [
+        "dynnet_ext.fuse: 1 Linear+ReLU fused, 1 Linear+GELU fused, 1 Linear+GELU-tanh fused, 1 Linear+SiLU fused, "
+        "0 Linear -> FusedLinear, 0 left alone",
+        "  fused    0 + nn.GELU '1' (Linear+GELU)",
+        "  fused    2 + nn.GELU '3' (Linear+GELU-tanh)",
+        "  fused    4 + nn.SiLU '5' (Linear+SiLU)",
+        "  fused    6 + nn.ReLU '7' (Linear+ReLU)"]
+    assert same_parameters(fused, model) and list(fused.state_dict()) == list(model.state_dict())
+    assert_same_model(fused, model, torch.randn(16, 12, device=device), ran, mode)
+
+
+class AllActivationForms(nn.Module):
+    """Every GELU and SiLU form after a Linear in a traced forward, and a ReLU among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList([nn.Linear(12 if i == 0 else 16, 16) for i in range(8)])
+        self.gelu, self.silu = nn.GELU(approximate="tanh"), nn.SiLU()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.gelu(self.fc[0](x))
+        x = F.gelu(self.fc[1](x), approximate="tanh")
+        x = torch.nn.functional.gelu(self.fc[2](x), approximate="none")
+        x = F.silu(self.fc[3](x))
+        x = torch.nn.functional.silu(self.fc[4](x), inplace=True)
+        x = self.gelu(self.fc[5](x))
+        x = self.silu(self.fc[6](x))
+        x = F.relu(self.fc[7](x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_gelu_and_silu_form_through_torch_fx(mode, device, ran):
+    model = AllActivationForms().to(device)
+    fused, report = fuse(model, report=True)
+    assert isinstance(fused, torch.fx.GraphModule) and report.traced == [""]
+    assert report.fused == [("fc.0", "F.gelu"), ("fc.1", "F.gelu(approximate='tanh')"), ("fc.2", "F.gelu"),
+                            ("fc.3", "F.silu"), ("fc.4", "F.silu"), ("fc.5", "nn.GELU 'gelu'"),
+                            ("fc.6", "nn.SiLU 'silu'"), ("fc.7", "F.relu")]
+    assert report.activations == {"fc.0": "gelu", "fc.1": "gelu_tanh", "fc.2": "gelu", "fc.3": "silu",
+                                  "fc.4": "silu", "fc.5": "gelu_tanh", "fc.6": "silu", "fc.7": "relu"}
+    assert report.kept == ["head"] and report.skipped == []
+    assert [type(fused.fc[i]) for i in range(8)] == [FusedLinearGELU] * 3 + [FusedLinearSiLU] * 2 + \
+        [FusedLinearGELU, FusedLinearSiLU, FusedLinearReLU]
+    assert [fused.fc[i].activation for i in range(8)] == [report.activations[f"fc.{i}"] for i in range(8)]
+    assert "gelu" not in fused.code and "silu" not in fused.code and "relu" not in fused.code
+    assert str(report).splitlines()[0] == ("dynnet_ext.fuse: 1 Linear+ReLU fused, 2 Linear+GELU fused, "
+                                           "2 Linear+GELU-tanh fused, 3 Linear+SiLU fused, 0 Linear -> FusedLinear, "
+                                           "0 left alone")
+    assert "  fused    fc.1 + F.gelu(approximate='tanh') (Linear+GELU-tanh)" in str(report).splitlines()
+    assert same_parameters(fused, model) and list(fused.state_dict()) == list(model.state_dict())
+    assert_same_model(fused, model, torch.randn(16, 12, device=device), ran, mode)
+
+
+def transformers_like(name, forward):
+    """A class named as transformers.activations' `name`, computing `forward`."""
+    return type(name, (nn.Module,), {"forward": lambda self, x: forward(x), "__module__": "transformers.activations",
+                                     "__qualname__": name})
+
+
+TRANSFORMERS = {  # name: (what it computes, the activation fuse must see)
+    "GELUActivation": (lambda x: F.gelu(x), "gelu"),
+    "NewGELUActivation": (lambda x: 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))),
+                          "gelu_tanh"),
+    "PytorchGELUTanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+    "GELUTanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+    "SiLUActivation": (lambda x: x * torch.sigmoid(x), "silu"),
+}
+
+
+class Mlp(nn.Module):
+    """A transformer block's MLP: up, act, down (as transformers' and timm's MLPs are)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(12, 32), act, nn.Linear(32, 12)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x))) + x
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_transformers_activations_by_qualified_name(name, ran):
+    forward, activation = TRANSFORMERS[name]
+    cls = transformers_like(name, forward)
+    for model in (Mlp(cls()), nn.Sequential(nn.Linear(12, 32), cls(), nn.Linear(32, 4))):
+        fused, report = fuse(model, report=True)
+        first = "up" if isinstance(model, Mlp) else "0"
+        where = "act" if isinstance(model, Mlp) else "1"
+        assert report.fused == [(first, f"{name} {where!r}")] and report.activations == {first: activation}
+        assert f"  fused    {first} + {name} {where!r} (Linear+{FUSE.LABELS[activation]})" in str(report)
+        assert fused.get_submodule(first).activation == activation
+        assert_same_model(fused, model, torch.randn(6, 12), ran, "train")
+
+
+def test_register_activation(registry, ran):
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class Erf(nn.Module):
+        def forward(self, x):
+            return x * 0.5 * (1 + torch.erf(x / 2 ** 0.5))
+
+    model = nn.Sequential(nn.Linear(12, 16), Swish(), nn.Linear(16, 16), Erf(), nn.Linear(16, 4))
+    _, report = fuse(model, report=True)
+    assert report.fused == [] and report.kept == ["0", "2", "4"]  # not known yet
+    dynnet_ext.fuse.register_activation(Swish, "silu")  # by the class
+    dynnet_ext.register_activation(f"{Erf.__module__}.{Erf.__qualname__}", "gelu")  # by its qualified name
+    assert registry[f"{__name__}.test_register_activation.<locals>.Swish"] == "silu"
+    fused, report = fuse(model, report=True)
+    assert [type(m) for m in fused] == [FusedLinearSiLU, nn.Identity, FusedLinearGELU, nn.Identity, nn.Linear]
+    assert report.fused == [("0", "Swish '1'"), ("2", "Erf '3'")] and report.activations == {"0": "silu", "2": "gelu"}
+    assert_same_model(fused, model, torch.randn(6, 12), ran, "train")
+
+    class SubSwish(Swish):  # exact classes only: a subclass may compute something else
+        pass
+
+    assert fuse(nn.Sequential(nn.Linear(12, 16), SubSwish()), report=True)[1].fused == []
+    with pytest.raises(ValueError, match=r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu'\)"):
+        dynnet_ext.register_activation(Swish, "none")
+    with pytest.raises(TypeError, match="a class or a qualified name 'module.ClassName'"):
+        dynnet_ext.register_activation("Swish", "silu")
+
+
+def hooked_gelu_sequential():
+    model = act_mlp()
+    model[1].register_forward_hook(lambda m, i, o: None)
+    return model
+
+
+class GELUResidual(OneLinear):
+    def forward(self, x):
+        h = self.fc(x)
+        return F.gelu(h) + h
+
+
+class TwoActivations(OneLinear):
+    def forward(self, x):
+        return F.gelu(self.fc(x)) + F.silu(self.fc(x))
+
+
+class HookedGELU(OneLinear):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()
+        self.act.register_forward_pre_hook(lambda m, i: None)
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+ACT_LEFT_ALONE = {
+    "gelu_residual": (GELUResidual, "fc", "its output is used by gelu, add, not only by a GELU"),
+    "different_activations": (TwoActivations, "fc", "its calls feed different activations (GELU, SiLU)"),
+    "hooked_gelu_module": (HookedGELU, "fc", "the GELU 'act' has hooks"),
+    "hooked_gelu_in_sequential": (hooked_gelu_sequential, "0", "the GELU has hooks"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACT_LEFT_ALONE))
+def test_gelu_and_silu_left_alone_with_the_reason(case):
+    make, name, reason = ACT_LEFT_ALONE[case]
+    model = make()
+    fused, report = fuse(model, report=True)
+    assert reason in dict(report.skipped)[name], report
+    assert type(fused.get_submodule(name)) is nn.Linear and name not in report.activations
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(fused(x), model(x), **F32)
+
+
+def test_gelu_model_under_torch_compile(ran):
+    torch._dynamo.reset()
+    model = AllActivationForms().eval()
+    assert_same_model(torch.compile(fuse(model), backend="aot_eager", fullgraph=True), model, torch.randn(8, 12), ran,
+                      "eval")

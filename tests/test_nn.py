@@ -1,16 +1,25 @@
-"""FusedLinear / FusedLinearReLU as drop-in replacements for nn.Linear (+ nn.ReLU)."""
+"""FusedLinear / FusedLinearReLU / FusedLinearGELU / FusedLinearSiLU as drop-in replacements for
+nn.Linear (+ nn.ReLU, nn.GELU, nn.SiLU)."""
+
+import functools
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import tol
-from dynnet_ext.nn import FusedLinear, FusedLinearReLU
+from dynnet_ext.nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 
-PAIRS = [(FusedLinearReLU, lambda m: nn.Sequential(m, nn.ReLU())), (FusedLinear, lambda m: m)]
+FusedLinearGELUTanh = functools.partial(FusedLinearGELU, approximate="tanh")
+PAIRS = [(FusedLinearReLU, lambda m: nn.Sequential(m, nn.ReLU())), (FusedLinear, lambda m: m),
+         (FusedLinearGELU, lambda m: nn.Sequential(m, nn.GELU())),
+         (FusedLinearGELUTanh, lambda m: nn.Sequential(m, nn.GELU(approximate="tanh"))),
+         (FusedLinearSiLU, lambda m: nn.Sequential(m, nn.SiLU()))]
+MODULES = [FusedLinear, FusedLinearReLU, FusedLinearGELU, FusedLinearGELUTanh, FusedLinearSiLU]
+MODULE_IDS = ["linear", "relu", "gelu", "gelu_tanh", "silu"]
 
 
-@pytest.mark.parametrize("cls", [FusedLinear, FusedLinearReLU])
+@pytest.mark.parametrize("cls", MODULES, ids=MODULE_IDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_same_init_params_and_state_dict_as_nn_linear(cls, bias):
     torch.manual_seed(3)
@@ -27,7 +36,7 @@ def test_same_init_params_and_state_dict_as_nn_linear(cls, bias):
     assert fused.in_features == 20 and fused.out_features == 7
 
 
-@pytest.mark.parametrize("cls,make_stock", PAIRS, ids=["relu", "linear"])
+@pytest.mark.parametrize("cls,make_stock", PAIRS, ids=["relu", "linear", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("lead", [(), (1,), (5,), (0,), (2, 3), (2, 0, 4)], ids=str)
 def test_forward_backward_match_stock(cls, make_stock, lead, device, ran):
     fused = cls(6, 4, device=device)
@@ -49,7 +58,7 @@ def test_forward_backward_match_stock(cls, make_stock, lead, device, ran):
     torch.testing.assert_close(fused.bias.grad, lin.bias.grad, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("cls", [FusedLinear, FusedLinearReLU])
+@pytest.mark.parametrize("cls", MODULES, ids=MODULE_IDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_module(cls, bias, device, ran):
     m = cls(5, 3, bias=bias, device=device, dtype=torch.float64)

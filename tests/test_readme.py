@@ -37,6 +37,16 @@ def test_fuse_example_runs(capsys):
     assert f"# {printed}" in blocks[0]  # the comment shows what print(report) prints
 
 
+def test_activations_example_runs():
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme(), re.S) if "FusedLinearGELU(" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    gelu, silu = namespace["gelu"], namespace["silu"]
+    assert (gelu.activation, silu.activation) == ("gelu_tanh", "silu")
+    torch.testing.assert_close(namespace["y"], gelu(namespace["x"]))
+
+
 def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
     text = readme()
     setup = text[text.index("## Set up"):text.index("Notes on the build")]

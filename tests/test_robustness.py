@@ -16,7 +16,7 @@ import torch
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import reference
-from dynnet_ext.nn import FusedLinearReLU
+from dynnet_ext.nn import FusedLinearGELU, FusedLinearReLU
 
 # ----------------------------------------------------------------------------------------------
 # Concurrency. The CPU kernels are deterministic (fixed reduction order, see
@@ -169,6 +169,7 @@ THREAD_CASES = {
     "wide-net": (lambda: dynnet_ext.DynamicNet(300, 200, 50), (256, 300), 2),
     "seed-layer": (lambda: FusedLinearReLU(1000, 100), (64, 1000), None),
     "wide-layer": (lambda: FusedLinearReLU(257, 129), (300, 257), None),
+    "wide-gelu-layer": (lambda: FusedLinearGELU(257, 129), (300, 257), None),
 }
 
 

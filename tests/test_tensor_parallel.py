@@ -42,8 +42,8 @@ def check(run, want):
         torch.testing.assert_close(run["grads"][name], g, **tol(torch.float32), msg=name)
 
 
-def mlp_stock(x, p):
-    h = reference.linear_act(x, p["0.weight"], p["0.bias"], "relu")
+def mlp_stock(x, p, activation="relu"):
+    h = reference.linear_act(x, p["0.weight"], p["0.bias"], activation)
     return reference.linear_act(h, p["1.weight"], p["1.bias"], "none")
 
 
@@ -70,6 +70,24 @@ def test_megatron_mlp_column_then_row_parallel(tp_run, ran):
                                      "1.weight": "(Shard(dim=1),)", "1.bias": "(Replicate(),)"}
         if world > 1:
             assert run["forward_comms"] == {"all_reduce": 1} and run["backward_comms"] == {"all_reduce": 1}
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_gelu_and_silu_mlp_column_then_row_parallel(activation, tp_run, ran):
+    """FusedLinearGELU / FusedLinearSiLU column-parallel (the activation is elementwise: it runs
+    on each rank's half of the hidden units), FusedLinear row-parallel: the same shards,
+    placements and collectives as the ReLU MLP."""
+    device, ranks = tp_run
+    for r in ranks:
+        ran.reported(r[f"mlp_{activation}"]["calls"], "linear_relu", "linear_relu_backward", device=device)
+    want = stock(lambda x, p: mlp_stock(x, p, activation), ranks[0]["x_mlp"],
+                 dict(megatron_mlp(device, activation).named_parameters()))
+    for r in ranks:
+        run = r[f"mlp_{activation}"]
+        check(run, want)
+        assert not run["y_is_dtensor"]
+        for key in ("local_shapes", "placements", "forward_comms", "backward_comms"):
+            assert run[key] == r["mlp"][key], key
 
 
 def test_dynamic_net_per_layer_fusion_tensor_parallel(tp_run, ran):

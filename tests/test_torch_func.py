@@ -1,6 +1,7 @@
-"""torch.func transforms and forward-mode AD through the fused layers: grad, vjp, jacrev, jvp,
-jacfwd, hessian, vmap, per-sample gradients (vmap(grad)), functional_call, model ensembles
-(stack_module_state + vmap), torch.autograd.forward_ad. Stock torch.func on the same weights is
+"""torch.func transforms and forward-mode AD through the fused layers (ReLU, no activation, GELU,
+GELU-tanh, SiLU) and networks: grad, vjp, jacrev, jvp, jacfwd, hessian, vmap, per-sample
+gradients (vmap(grad)), functional_call, model ensembles (stack_module_state + vmap),
+torch.autograd.forward_ad. Stock torch.func on the same weights is
 the oracle; `ran` proves that dynnet's kernels computed the fused side, and the kernel call
 counts that the batching rules fold the vmapped dimension into one fused call."""
 
@@ -14,8 +15,8 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, stac
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import DynamicNet, LinearReLUFunction, reference
-from dynnet_ext.functional import dynamic_net, fused_linear, fused_linear_relu
-from dynnet_ext.nn import FusedLinear, FusedLinearReLU
+from dynnet_ext.functional import dynamic_net, fused_linear, fused_linear_act, fused_linear_relu
+from dynnet_ext.nn import FusedLinear, FusedLinearGELU, FusedLinearReLU, FusedLinearSiLU
 from dynnet_ext.ops import LinearReLUJvpFunction, kernel_calls, transforms_active
 
 D_IN, H, D_OUT = 7, 6, 3
@@ -27,6 +28,22 @@ class StockLinearReLU(nn.Linear):
 
     def forward(self, x):
         return torch.relu(super().forward(x))
+
+
+class StockLinearAct(nn.Linear):
+    """nn.Linear + a stock activation (GELU, GELU-tanh, SiLU) with nn.Linear's parameter names."""
+
+    def __init__(self, *args, activation, **kw):
+        super().__init__(*args, **kw)
+        self.activation = activation
+
+    def forward(self, x):
+        return reference.activation(super().forward(x), self.activation)
+
+
+FUSED_ACT = {"gelu": lambda *a, **kw: FusedLinearGELU(*a, **kw),
+             "gelu_tanh": lambda *a, **kw: FusedLinearGELU(*a, approximate="tanh", **kw),
+             "silu": lambda *a, **kw: FusedLinearSiLU(*a, **kw)}
 
 
 class Case:
@@ -55,6 +72,9 @@ def make_case(name, device, dtype=torch.float64):
         return Case(FusedLinearReLU(D_IN, H, **kw), StockLinearReLU(D_IN, H, **kw))
     if name == "linear":
         return Case(FusedLinear(D_IN, H, **kw), nn.Linear(D_IN, H, **kw))
+    if name.startswith("linear_"):  # "linear_gelu": FusedLinearGELU against nn.Linear + F.gelu
+        activation = name.removeprefix("linear_")
+        return Case(FUSED_ACT[activation](D_IN, H, **kw), StockLinearAct(D_IN, H, activation=activation, **kw))
     fusion, depth = name.split("-")  # "network-2": DynamicNet(fusion="network") at depth 2
     net = DynamicNet(D_IN, H, D_OUT, fusion=fusion, **kw)
     with torch.no_grad():
@@ -65,7 +85,8 @@ def make_case(name, device, dtype=torch.float64):
     return Case(net, stock, int(depth))
 
 
-CASES = ["linear_relu", "linear", "network-0", "network-2", "layer-0", "layer-3"]
+CASES = ["linear_relu", "linear", "linear_gelu", "linear_gelu_tanh", "linear_silu", "network-0", "network-2",
+         "layer-0", "layer-3"]
 
 
 @pytest.fixture(params=CASES)
@@ -208,6 +229,9 @@ FUNCTIONAL = {
                           "linear_relu"),
     "fused_linear": (lambda x, w, b: fused_linear(x, w, b), lambda x, w, b: reference.linear_act(x, w, b, "none"),
                      "linear_relu"),
+    **{f"fused_linear_act-{act}": (lambda x, w, b, act=act: fused_linear_act(x, w, b, act),
+                                   lambda x, w, b, act=act: reference.linear_act(x, w, b, act), "linear_relu")
+       for act in ("gelu", "gelu_tanh", "silu")},
 }
 
 

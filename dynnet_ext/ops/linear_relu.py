@@ -6,10 +6,9 @@ formulas again: tests/test_autograd.py pins it to these)."""
 import torch
 import torch.nn.functional as F
 
+from .activations import KERNEL_ACTIVATIONS, check_activation, stock_activation
 from .functorch import add, batched_first, per_member, rows, transforms_active
 from .library import _C, SUPPORTED_DTYPES
-
-ACTIVATIONS = ("relu", "none")
 
 # ----------------------------------------------------------------------------- formulas
 # Stated once: the Functions below, the network's rules (dynamic_net.py) and the stock fallback
@@ -19,11 +18,10 @@ ACTIVATIONS = ("relu", "none")
 
 
 def stock_linear_act(x, weight, bias=None, activation="relu"):
-    """act(x @ weight.T + bias) with stock ops. x: (*, in), weight: (out, in), bias: (out,)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    y = F.linear(x, weight, bias)
-    return F.relu(y) if activation == "relu" else y
+    """act(x @ weight.T + bias) with stock ops, act any of activations.ACTIVATIONS.
+    x: (*, in), weight: (out, in), bias: (out,)."""
+    check_activation(activation)
+    return stock_activation(F.linear(x, weight, bias), activation)
 
 
 def relu_mask(g, y):
@@ -87,7 +85,7 @@ def check_fake_args(x, weight, bias=None):
 
 
 def _check_activation(activation):
-    torch._check(activation in ("relu", "none"), lambda: f"dynnet: activation must be 'relu' or 'none', got '{activation}'")
+    torch._check(activation in KERNEL_ACTIVATIONS, lambda: f"dynnet: activation must be 'relu' or 'none', got '{activation}'")
 
 
 def _check_fake_backward_args(grad_y, x, weight, y, activation):
