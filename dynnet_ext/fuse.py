@@ -37,7 +37,10 @@ cannot capture as one static graph: tracing fails (data-dependent control flow),
 optional or variadic arguments, or the graph differs between traces (control flow on random
 draws, like the seed's random depth, or on self.training: fuse traces TRACES_PER_MODE times in
 train and in eval mode). Modules of torch.nn other than the containers, and dynnet_ext's own, are
-not entered.
+not entered. A module that cannot be traced is reported by where its Linears' outputs might go:
+"skipped" (a warning) when an activation is in sight - a known activation module beside the
+Linears, or forward's source naming relu, gelu or silu - else "untraced" (information only: an
+attention block's projections, say, whose forward takes an optional mask).
 
 In-place activations: nn.ReLU(inplace=True), F.relu(x, inplace=True), x.relu_(),
 nn.SiLU(inplace=True), F.silu(x, inplace=True) right after a Linear whose output nothing else
@@ -60,6 +63,7 @@ import copy
 import inspect
 import logging
 import random
+import re
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -129,7 +133,9 @@ class FuseReport:
     or FusedLinearSiLU), the form saying how the model applied the activation ("nn.ReLU 'act'",
     "F.gelu", ".relu()", ...); linear: layers now FusedLinear (linear=True); kept: Linear layers
     not followed by an activation, left as they were (or made FusedLinear); skipped: (linear,
-    reason) for the layers followed by an activation that could not be fused safely; traced:
+    reason) for the layers followed by an activation that could not be fused safely; untraced:
+    (linear, reason) for the layers of a module fuse could not trace, with no activation in sight
+    (the module docstring says what that means); traced:
     modules replaced by a torch.fx.GraphModule of their rewritten forward; activations:
     {linear: its activation ("relu", "gelu", "gelu_tanh", "silu")} for each fused pair.
     """
@@ -138,6 +144,7 @@ class FuseReport:
     linear: list = field(default_factory=list)
     kept: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    untraced: list = field(default_factory=list)
     traced: list = field(default_factory=list)
     activations: dict = field(default_factory=dict)
 
@@ -145,12 +152,14 @@ class FuseReport:
         counts = [sum(self.activations.get(lin, "relu") == act for lin, _ in self.fused) for act in LABELS]
         # Linear+ReLU always, the others when there are any.
         pairs = [f"{n} Linear+{LABELS[act]} fused" for act, n in zip(LABELS, counts) if n or act == "relu"]
+        untraced = f", {len(self.untraced)} in modules not traced" if self.untraced else ""
         lines = [f"dynnet_ext.fuse: {', '.join(pairs)}, {len(self.linear)} Linear -> FusedLinear, "
-                 f"{len(self.skipped)} left alone"]
+                 f"{len(self.skipped)} left alone{untraced}"]
         lines += [f"  fused    {lin} + {form} (Linear+{LABELS[self.activations.get(lin, 'relu')]})"
                   for lin, form in self.fused]
         lines += [f"  linear   {lin}" for lin in self.linear]
         lines += [f"  skipped  {lin}: {reason}" for lin, reason in self.skipped]
+        lines += [f"  untraced {lin}: {reason}" for lin, reason in self.untraced]
         lines += [f"  traced   {name or '(model)'} is now a torch.fx.GraphModule" for name in self.traced]
         return "\n".join(lines)
 
@@ -221,6 +230,28 @@ def _module_activation(module):
     if cls is nn.SiLU:
         return "silu"
     return _REGISTRY.get(_qualified_name(cls))
+
+
+_ACTIVATION_WORDS = re.compile(r"\b(relu_?|gelu|silu)\b")
+
+
+def _activation_in_sight(module):
+    """Whether an untraceable module may apply an activation to its Linears' outputs: a known
+    activation module among the modules its forward calls, or its forward's source naming relu,
+    gelu or silu (or not readable)."""
+    def children(m):
+        for child in m.children():
+            yield child
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                yield from children(child)
+
+    if any(_module_activation(c) for c in children(module)):
+        return True
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return bool(_ACTIVATION_WORDS.search(source))
 
 
 def _module_form(module, name):
@@ -326,7 +357,11 @@ class _Context:
         try:
             graph, constants = _static_graph(module)
         except _Untraceable as exc:
-            self.report.skipped += [(_join(path, name), str(exc)) for name in linears]
+            left = [(_join(path, name), str(exc)) for name in linears]
+            if _activation_in_sight(module):
+                self.report.skipped += left
+            else:
+                self.report.untraced += left
             return module
         calls = defaultdict(list)
         for node in graph.nodes:

@@ -254,6 +254,43 @@ def test_left_alone_is_reported_as_a_warning(caplog):
                       ("INFO", "dynnet_ext.fuse: 2 Linear+ReLU fused, 0 Linear -> FusedLinear, 0 left alone")]
 
 
+class Attention(nn.Module):
+    """An attention block's shape: projections, an optional mask (untraceable), no activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(12, 36), nn.Linear(12, 12)
+
+    def forward(self, x, mask=None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1) + (0 if mask is None else mask)
+        return self.proj(scores.softmax(-1) @ v)
+
+
+class ActivationChildUnused(Attention):
+    """Untraceable, with an activation module beside the Linears: they may feed it."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()
+
+
+def test_untraceable_module_without_an_activation_in_sight_is_information(caplog):
+    with caplog.at_level("INFO", logger="dynnet_ext.fuse"):
+        fused, report = fuse(nn.Sequential(Attention(), nn.Linear(12, 12), nn.SiLU()), report=True)
+    assert report.untraced == [("0.qkv", "its forward takes optional or variadic arguments, which a traced graph would fix"),
+                               ("0.proj", "its forward takes optional or variadic arguments, which a traced graph would fix")]
+    assert report.skipped == [] and [f for f, _ in report.fused] == ["1"]
+    assert [(r.levelname, r.getMessage().splitlines()[0]) for r in caplog.records] == [
+        ("INFO", "dynnet_ext.fuse: 0 Linear+ReLU fused, 1 Linear+SiLU fused, 0 Linear -> FusedLinear, 0 left alone, "
+                 "2 in modules not traced")]
+    assert "  untraced 0.qkv: its forward takes optional" in str(report)
+    # With an activation module beside them, or forward naming one (OptionalArg's F.relu): skipped.
+    for model, names in ((ActivationChildUnused(), ["qkv", "proj"]), (OptionalArg(), ["fc"])):
+        _, report = fuse(model, report=True)
+        assert [n for n, _ in report.skipped] == names and report.untraced == []
+
+
 def test_linear_option_makes_every_remaining_linear_fused(ran):
     model = nn.Sequential(Residual(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4), AllReLUForms())
     model[4] = nn.Sequential(nn.Linear(4, 12), AllReLUForms())
