@@ -13,8 +13,11 @@ Subjects (each timed per shape and dtype, implementations interleaved rep by rep
           on CUDA, the peak allocation above the pre-step baseline
   persample  per-sample gradients of the seed's loss, torch.func.vmap(torch.func.grad(loss)),
           at each depth 0-3 (what differential-privacy training computes)
-The layer, net and step subjects also run in each dtype of --dtypes (DTYPES): parameters and
-input in bfloat16 or float16, or float32 parameters under torch.autocast to bfloat16.
+  mlp     a transformer block's MLP, Linear -> activation -> Linear (GELU by default), at
+          BERT-base and ViT-S widths: forward+backward, fused = fuse() of the stock module.
+          Run when named (--subjects, benchmarks/transformer_mlp.py), not by default
+The layer, net, step and mlp subjects also run in each dtype of --dtypes (DTYPES): parameters
+and input in bfloat16 or float16, or float32 parameters under torch.autocast to bfloat16.
 """
 
 import argparse
@@ -37,7 +40,9 @@ from torch import nn
 
 from .cli import OPTIMIZERS, SEED_OPTIMIZER, choose_optimizer, make_optimizer
 
-SUBJECTS = ("layer", "net", "step", "memory", "persample")
+SUBJECTS = ("layer", "net", "step", "memory", "persample", "mlp")
+# What runs without --subjects: the seed's model. The transformer MLP is asked for by name.
+DEFAULT_SUBJECTS = ("layer", "net", "step", "memory", "persample")
 IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
          "addmm-activation")
 DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile"), "cuda": IMPLS}
@@ -47,6 +52,16 @@ LAYER_ONLY, NET_ONLY = ("addmm-activation",), ("fused-layer",)
 # Per-sample gradients: the fused models, stock, and torch.compile of stock's vmap(grad) function
 # (the CUDA-graph compile modes are left out: the function returns a fresh dict of gradients).
 PERSAMPLE_IMPLS = ("fused", "fused-layer", "stock", "compile")
+# The transformer MLP: Linear(d_model, hidden) -> activation -> Linear(hidden, d_model), shapes
+# TOKENSxD_MODELxHIDDEN: BERT-base's widths (768 -> 3072 -> 768) and ViT-S's (384 -> 1536 -> 384)
+# at 128, 512 and 2048 tokens. The activation is a dimension of its rows (the other subjects'
+# models are ReLU's).
+MLP_SHAPES = ("128x768x3072", "512x768x3072", "2048x768x3072", "128x384x1536", "512x384x1536", "2048x384x1536")
+MLP_QUICK_SHAPES = ("128x384x1536",)
+MLP_ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+                   "silu": lambda: nn.SiLU(), "relu": lambda: nn.ReLU()}
+DEFAULT_MLP_ACTIVATIONS = ("gelu",)
+SEED_ACTIVATION = "relu"  # the activation of the layer, net, step, memory and persample rows
 # Per-sample gradients take N times the parameters' memory: shapes above this are not measured
 # (of the default sweep, 1024x1000x100 and 64x1024x1024).
 PERSAMPLE_MAX_BYTES = 128 * 2**20
@@ -64,7 +79,7 @@ LR = 1e-4
 # models' parameters and the input in the dtype, or float32 parameters with the forward (and the
 # loss) under torch.autocast to bfloat16, as mixed-precision training runs.
 DTYPES = ("float32", "bfloat16", "autocast-bfloat16", "float16")
-DTYPE_SUBJECTS = ("layer", "net", "step")
+DTYPE_SUBJECTS = ("layer", "net", "step", "mlp")
 
 SEED_SHAPE = "64x1000x100"
 # Full sweep: batch at the seed's widths, then width at the seed's batch.
@@ -77,7 +92,7 @@ TRANSFORMER_SHAPES = ("128x768x3072", "128x3072x768", "512x768x3072", "512x3072x
 
 # (reps, warm-up seconds per implementation and case, target milliseconds per rep)
 SETTINGS = {"quick": (5, 0.05, 2.0), "full": (21, 0.3, 10.0)}
-SCHEMA = 4
+SCHEMA = 5
 # The calibration GEMM run at start: every float32 GEMM engine in reach multiplies these shapes
 # (M x K x N) on all threads, interleaved; the fastest rate is the machine's measured peak, the
 # yardstick of every row's GFLOP/s.
@@ -126,25 +141,45 @@ def _positive_int(text):
     return value
 
 
-def add_arguments(parser, subjects=SUBJECTS):
-    """Add the bench options to `parser`. `subjects` narrows --subjects (the per-subject scripts)."""
+def add_arguments(parser, subjects=SUBJECTS, default_subjects=None):
+    """Add the bench options to `parser`. `subjects` narrows --subjects (the per-subject scripts);
+    `default_subjects` is what runs without it (default: DEFAULT_SUBJECTS among `subjects`, or all
+    of `subjects` if none of them is a default one)."""
+    if default_subjects is None:
+        default_subjects = [s for s in subjects if s in DEFAULT_SUBJECTS] or list(subjects)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    seed_model = set(subjects) - {"mlp"}  # subjects measured at --shapes
+    quick = [f"seed shape only ({SEED_SHAPE}) unless --shapes"] if seed_model else []
+    quick += [f"mlp: {','.join(MLP_QUICK_SHAPES)} unless --mlp-shapes"] if "mlp" in subjects else []
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: seed shape only ({SEED_SHAPE}) unless --shapes, {SETTINGS['quick'][0]} reps, "
-                             "short warm-up")
-    parser.add_argument("--shapes", type=_shapes, default=None,
-                        help="comma-separated BATCHxINxOUT: for the layer batch x in_features x out_features, for "
-                             f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)}, "
-                             f"and for the layer also {','.join(TRANSFORMER_SHAPES)} (--quick: {SEED_SHAPE})")
+                        help=f"smoke run: {'; '.join(quick)}; {SETTINGS['quick'][0]} reps, short warm-up")
+    if seed_model:
+        parser.add_argument("--shapes", type=_shapes, default=None,
+                            help="comma-separated BATCHxINxOUT: for the layer batch x in_features x out_features, for "
+                                 f"net/step/memory N x D_in x H with D_out={D_OUT}. Default: {','.join(FULL_SHAPES)}, "
+                                 f"and for the layer also {','.join(TRANSFORMER_SHAPES)} (--quick: {SEED_SHAPE})")
+    else:
+        parser.set_defaults(shapes=None)
     if "layer" in subjects:
         parser.add_argument("--layer-shapes", type=_shapes, default=None,
                             help="comma-separated BATCHxINxOUT measured by the layer subject only. Default: "
                                  f"{','.join(TRANSFORMER_SHAPES)} in the full sweep, none with --shapes or --quick")
     else:
         parser.set_defaults(layer_shapes=None)
+    if "mlp" in subjects:
+        parser.add_argument("--mlp-shapes", type=_shapes, default=None,
+                            help="comma-separated TOKENSxD_MODELxHIDDEN measured by the mlp subject (Linear(d_model, "
+                                 f"hidden) -> activation -> Linear(hidden, d_model)). Default: {','.join(MLP_SHAPES)} "
+                                 f"(--quick: {','.join(MLP_QUICK_SHAPES)})")
+        parser.add_argument("--mlp-activations", type=_csv(tuple(MLP_ACTIVATIONS)), default=None,
+                            help=f"the mlp subject's activations, comma-separated among {', '.join(MLP_ACTIVATIONS)} "
+                                 f"(default {','.join(DEFAULT_MLP_ACTIVATIONS)})")
+    else:
+        parser.set_defaults(mlp_shapes=None, mlp_activations=None)
     if len(subjects) > 1:
-        parser.add_argument("--subjects", type=_csv(subjects), default=list(subjects),
-                            help=f"comma-separated, among {', '.join(subjects)} (default: all)")
+        default_text = "all" if list(default_subjects) == list(subjects) else ",".join(default_subjects)
+        parser.add_argument("--subjects", type=_csv(subjects), default=list(default_subjects),
+                            help=f"comma-separated, among {', '.join(subjects)} (default: {default_text})")
     else:
         parser.set_defaults(subjects=list(subjects))
     if set(subjects) & set(DTYPE_SUBJECTS):
@@ -157,7 +192,8 @@ def add_arguments(parser, subjects=SUBJECTS):
     parser.add_argument("--impls", type=_csv(IMPLS), default=None,
                         help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
                              f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
-                             "(fused: the default DynamicNet, whole-network ops; fused-layer: "
+                             "(fused: the default DynamicNet, whole-network ops; in mlp rows fuse() of the stock "
+                             "MLP; fused-layer: "
                              "DynamicNet(fusion='layer'), net/step/memory only; addmm-activation = "
                              "torch._addmm_activation, layer forward only)")
     parser.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=None,
@@ -369,6 +405,39 @@ class LayerCase:
         return Runner(lambda: out.pop().backward(grad_y), setup=setup)
 
 
+class MlpCase(LayerCase):
+    """A transformer block's MLP, nn.Sequential(Linear(d_model, hidden), activation,
+    Linear(hidden, d_model)), at one shape (tokens x d_model x hidden), one model per
+    implementation, identical weights: stock; fused = dynnet_ext.fuse() of the stock module (the
+    first Linear and the activation one fused layer, the second Linear stock's); compile modes of
+    the stock module. Timed as the layer's phases are (x requires grad: inside a network)."""
+
+    def __init__(self, shape, impls, device, dtype="float32", activation="gelu"):
+        from .fuse import fuse
+
+        tokens, d_model, hidden = shape
+        param_dtype, self.autocast = dtype_setup(dtype, device)
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(d_model, hidden, device=device, dtype=param_dtype),
+                             MLP_ACTIVATIONS[activation](),
+                             nn.Linear(hidden, d_model, device=device, dtype=param_dtype))
+        self.models = {}
+        for impl in impls:
+            if impl in LAYER_ONLY or impl in NET_ONLY:
+                continue
+            if impl == "fused":
+                model, report = fuse(copy.deepcopy(base), report=True)
+                if report.activations != {"0": activation}:  # else 'fused' would time stock's layers
+                    raise RuntimeError(f"fuse did not fuse the MLP's Linear + {activation}: {report}")
+            elif impl == "stock":
+                model = copy.deepcopy(base)
+            else:
+                model = _compiled(copy.deepcopy(base), impl)
+            self.models[impl] = model
+        self.x = torch.randn(tokens, d_model, device=device, dtype=param_dtype, requires_grad=True)
+        self.grad_y = torch.randn(tokens, d_model, device=device, dtype=getattr(torch, compute_dtype(dtype)))
+
+
 class NetCase:
     """DynamicNet(D_in, H, D_OUT) at one shape, one model per implementation, identical weights,
     and an Adam per implementation and optimizer kind (made on first use; the optimizers of one
@@ -540,25 +609,30 @@ def machine_info(device):
 
 # ----------------------------------------------------------------------------- run
 
-def _plan(subjects, shapes, dtypes=("float32",), layer_shapes=()):
-    """Every row to measure, as (shape, subject, phase, depth, dtype), grouped by shape and dtype
-    so each shape's models are built (and compiled) once per dtype. `layer_shapes`: shapes of the
-    layer subject only."""
+def _plan(subjects, shapes, dtypes=("float32",), layer_shapes=(), mlp_shapes=(), mlp_activations=("gelu",)):
+    """Every row to measure, as (shape, subject, phase, depth, dtype, activation), grouped by shape
+    and dtype (and the mlp's activation) so each shape's models are built (and compiled) once per
+    dtype. `layer_shapes`: shapes of the layer subject only; `mlp_shapes`, `mlp_activations`: the
+    mlp subject's (its only shapes)."""
     plan = []
+    a = SEED_ACTIVATION
     for shape, dtype in itertools.product(list(dict.fromkeys([*shapes, *layer_shapes])), dtypes):
         main = shape in shapes
         if "layer" in subjects:
-            plan += [(shape, "layer", phase, None, dtype) for phase in LAYER_PHASES]
+            plan += [(shape, "layer", phase, None, dtype, a) for phase in LAYER_PHASES]
         if "net" in subjects and main:
-            plan += [(shape, "net", "forward+backward", d, dtype) for d in DEPTHS]
+            plan += [(shape, "net", "forward+backward", d, dtype, a) for d in DEPTHS]
         if "step" in subjects and main:
-            plan.append((shape, "step", "train-step", STEP_DEPTHS, dtype))
+            plan.append((shape, "step", "train-step", STEP_DEPTHS, dtype, a))
         if dtype != "float32" or not main:
             continue
         if "memory" in subjects:
-            plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH, dtype))
+            plan.append((shape, "memory", "saved-tensors", MEMORY_DEPTH, dtype, a))
         if "persample" in subjects and persample_bytes(shape) <= PERSAMPLE_MAX_BYTES:
-            plan += [(shape, "persample", "vmap-grad", d, dtype) for d in DEPTHS]
+            plan += [(shape, "persample", "vmap-grad", d, dtype, a) for d in DEPTHS]
+    if "mlp" in subjects:
+        plan += [(shape, "mlp", "forward+backward", None, dtype, act)
+                 for shape, dtype, act in itertools.product(mlp_shapes, dtypes, mlp_activations)]
     return plan
 
 
@@ -572,13 +646,15 @@ def _dims(subject, shape):
     a, b, c = parse_shape(shape)
     if subject == "layer":
         return {"batch": a, "in_features": b, "out_features": c}
+    if subject == "mlp":
+        return {"tokens": a, "d_model": b, "hidden": c}
     return {"N": a, "D_in": b, "H": c, "D_out": D_OUT}
 
 
-def _row(subject, phase, shape, depth, dtype, impl, **fields):
+def _row(subject, phase, shape, depth, dtype, activation, impl, **fields):
     row = {"subject": subject, "phase": phase, "shape": shape, "dims": _dims(subject, shape), "depth": depth,
-           "dtype": dtype, "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "ratio_vs_stock": None,
-           "ratio_vs_seed": None, "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None,
+           "dtype": dtype, "activation": activation, "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None,
+           "ratio_vs_stock": None, "ratio_vs_seed": None, "reps": None, "iters_per_rep": None, "samples_ms": None, "memory_bytes": None,
            "gemm_flops": None, "gflops": None, "peak_fraction": None}
     row.update(fields)
     return row
@@ -588,10 +664,13 @@ def gemm_flops(subject, phase, shape, depth):
     """Multiply-add FLOPs (2 per MAC) of the GEMMs in one timed iteration of a row, the same for
     every implementation (what stock's autograd computes): layer forward 1 GEMM, backward 2
     (grad_x and grad_weight: x requires grad), network forward+backward without grad_x (the
-    seed's x needs none); train-step rows average depths 0-3. None for memory rows."""
+    seed's x needs none); train-step rows average depths 0-3; the transformer MLP's two layers
+    (tokens x d_model x hidden each) 2 GEMMs forward, 4 backward. None for memory rows."""
     a, b, c = parse_shape(shape)
     if subject == "layer":
         return 2 * a * b * c * {"forward": 1, "backward": 2, "forward+backward": 3}[phase]
+    if subject == "mlp":
+        return 2 * 2 * a * b * c * {"forward": 1, "backward": 2, "forward+backward": 3}[phase]
     if subject == "memory":
         return None
 
@@ -622,7 +701,7 @@ def _time_rows(runners, key, device, reps, warmup_s, target_s, peaks=None):
     """Rows of `runners` ({impl: Runner}, or {(phase, impl): Runner} where one measurement
     serves several phases: the step's optimizers), measured together. ratio_vs_stock is against
     stock in the same phase; step rows' ratio_vs_seed against the seed's step (stock, train-step)."""
-    subject, phase, shape, depth, dtype = key
+    subject, phase, shape, depth, dtype, activation = key
     samples, iters = measure(runners, device, reps, warmup_s, target_s)
     samples = {name if isinstance(name, tuple) else (phase, name): ms for name, ms in samples.items()}
     medians = {name: statistics.median(ms) for name, ms in samples.items()}
@@ -630,8 +709,8 @@ def _time_rows(runners, key, device, reps, warmup_s, target_s, peaks=None):
     rows = []
     for (row_phase, impl), ms in samples.items():
         med, p20, p80 = summarize(ms)
-        rows.append(_with_rate(_row(subject, row_phase, shape, depth, dtype, impl, median_ms=med, p20_ms=p20,
-                                    p80_ms=p80, ratio_vs_stock=medians[(row_phase, "stock")] / med,
+        rows.append(_with_rate(_row(subject, row_phase, shape, depth, dtype, activation, impl, median_ms=med,
+                                    p20_ms=p20, p80_ms=p80, ratio_vs_stock=medians[(row_phase, "stock")] / med,
                                     ratio_vs_seed=seed / med if seed else None,
                                     reps=len(ms), iters_per_rep=iters, samples_ms=ms), peaks))
     return rows
@@ -705,7 +784,7 @@ def calibrate(device, quick):
 
 
 def _memory_rows(case, key, device):
-    subject, _, shape, depth, dtype = key
+    subject, _, shape, depth, dtype, activation = key
     for impl in case.models:  # compile, Adam state, lazy init happen here, not in the numbers
         for _ in range(2):
             case.step(impl, depth)
@@ -717,8 +796,8 @@ def _memory_rows(case, key, device):
         values = {impl: fn(impl, depth) for impl in case.models}
         for impl, value in values.items():
             ratio = values["stock"] / value if value else None
-            rows.append(_row(subject, phase, shape, depth, dtype, impl, memory_bytes=value, ratio_vs_stock=ratio,
-                             reps=1))
+            rows.append(_row(subject, phase, shape, depth, dtype, activation, impl, memory_bytes=value,
+                             ratio_vs_stock=ratio, reps=1))
     return rows
 
 
@@ -752,6 +831,11 @@ def run(args):
     if layer_shapes is None:
         layer_shapes = [] if args.shapes or args.quick else list(TRANSFORMER_SHAPES)
     layer_shapes = [s for s in layer_shapes if s not in shapes]
+    if not set(args.subjects) - {"mlp"}:  # the mlp has its own shapes
+        shapes, layer_shapes = [], []
+    mlp_shapes = (getattr(args, "mlp_shapes", None) or list(MLP_QUICK_SHAPES if args.quick else MLP_SHAPES)
+                  if "mlp" in args.subjects else [])
+    mlp_activations = list(getattr(args, "mlp_activations", None) or DEFAULT_MLP_ACTIVATIONS) if mlp_shapes else []
     dtypes = list(getattr(args, "dtypes", None) or ["float32"])
     impls = [i for i in IMPLS if i in (args.impls or DEFAULT_IMPLS[device]) or i == "stock"]
     subjects = list(args.subjects)
@@ -773,7 +857,8 @@ def run(args):
                   "fallback, so its numbers say nothing about the kernels", file=sys.stderr)
         machine = machine_info(device)
         config = {"device": device, "dtypes": dtypes, "quick": args.quick, "subjects": subjects, "impls": impls,
-                  "optimizers": optimizers, "shapes": shapes, "layer_shapes": layer_shapes, "threads": threads,
+                  "optimizers": optimizers, "shapes": shapes, "layer_shapes": layer_shapes,
+                  "mlp_shapes": mlp_shapes, "mlp_activations": mlp_activations, "threads": threads,
                   "reps": reps, "warmup_s": warmup_s,
                   "target_rep_ms": target_ms, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         print(f"dynnet_ext bench: {device} ({machine['gpu'] or machine['cpu_model']}), {threads} threads, "
@@ -789,7 +874,8 @@ def run(args):
         print(f"calibration GEMM {calibration['shape']}: " + ", ".join(
             f"{k} {v:.0f}" for k, v in calibration["gflops"].items()) + f" GFLOP/s; peak {calibration['peak_gflops']:.0f}",
             file=sys.stderr)
-        rows, errors = _run_plan(_plan(subjects, shapes, dtypes, layer_shapes), impls, device, reps, warmup_s,
+        plan = _plan(subjects, shapes, dtypes, layer_shapes, mlp_shapes, mlp_activations)
+        rows, errors = _run_plan(plan, impls, device, reps, warmup_s,
                                  target_ms / 1e3, calibration["dtype_peak_gflops"], optimizers)
         config["duration_s"] = round(time.perf_counter() - t_start, 1)
     finally:
@@ -798,7 +884,7 @@ def run(args):
             torch.compiler.reset()
 
     results = {"schema": SCHEMA, "machine": machine, "config": config, "calibration": calibration,
-               "rows": _sorted(rows, [*shapes, *layer_shapes], dtypes), "errors": errors}
+               "rows": _sorted(rows, [*shapes, *layer_shapes, *mlp_shapes], dtypes), "errors": errors}
     print(format_calibration(calibration))
     print(format_table(results["rows"]))
     print(f"done in {config['duration_s']} s" + (f", {len(errors)} rows FAILED (see above)" if errors else ""),
@@ -813,21 +899,23 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peaks=None, optimiz
     `errors`, and the run goes on: one failing compile mode must not lose a long GPU run."""
     rows, errors, case, case_key = [], [], None, None
     width = len(str(len(plan)))
-    for n, (shape, subject, phase, depth, dtype) in enumerate(plan, 1):
-        label = f"{subject} {phase} {shape} {dtype}" + ("" if depth is None else f" depth {depth}")
+    for n, (shape, subject, phase, depth, dtype, activation) in enumerate(plan, 1):
+        label = (f"{subject}{f' {activation}' if subject == 'mlp' else ''} {phase} {shape} {dtype}"
+                 + ("" if depth is None else f" depth {depth}"))
         print(f"[{n:>{width}}/{len(plan)}] {label} ...", end="", file=sys.stderr, flush=True)
-        key = (subject, phase, shape, depth, dtype)
+        key = (subject, phase, shape, depth, dtype, activation)
         try:
-            kind = LayerCase if subject == "layer" else NetCase
-            if case_key != (kind, shape, dtype):
+            kind = {"layer": LayerCase, "mlp": MlpCase}.get(subject, NetCase)
+            if case_key != (kind, shape, dtype, activation):
                 case = case_key = None  # free the previous shape's models first
                 if any(i.startswith("compile") for i in impls):
                     torch.compiler.reset()  # fresh compile caches: each shape gets static graphs
-                case, case_key = kind(parse_shape(shape), impls, device, dtype), (kind, shape, dtype)
+                case_args = (parse_shape(shape), impls, device, dtype) + ((activation,) if kind is MlpCase else ())
+                case, case_key = kind(*case_args), (kind, shape, dtype, activation)
             if subject == "memory":
                 new = _memory_rows(case, key, device)
             else:
-                runners = (case.runners(phase) if subject == "layer" else
+                runners = (case.runners(phase) if subject in ("layer", "mlp") else
                            case.net_runners(depth) if subject == "net" else
                            case.persample_runners(depth) if subject == "persample" else
                            case.step_runners(optimizers))
@@ -836,7 +924,7 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peaks=None, optimiz
             message = f"{type(exc).__name__}: {exc}"
             print(f" FAILED: {message}", file=sys.stderr, flush=True)
             errors.append({"subject": subject, "phase": phase, "shape": shape, "depth": depth, "dtype": dtype,
-                           "error": message})
+                           "activation": activation, "error": message})
             continue
         rows += new
         print(" " + "  ".join(_progress(r) for r in new), file=sys.stderr, flush=True)
@@ -844,11 +932,13 @@ def _run_plan(plan, impls, device, reps, warmup_s, target_s, peaks=None, optimiz
 
 
 def _sorted(rows, shapes, dtypes=DTYPES):
-    """Subject-major order: subject, phase, dtype, depth, shape (as given), implementation."""
+    """Subject-major order: subject, phase, dtype, activation, depth, shape (as given),
+    implementation."""
     phases = [*LAYER_PHASES, *STEP_PHASES.values(), "saved-tensors", "peak-allocated", "vmap-grad"]
+    activations = list(MLP_ACTIVATIONS)  # SEED_ACTIVATION among them
     return sorted(rows, key=lambda r: (SUBJECTS.index(r["subject"]), phases.index(r["phase"]),
-                                       list(dtypes).index(r["dtype"]), str(r["depth"]), shapes.index(r["shape"]),
-                                       IMPLS.index(r["impl"])))
+                                       list(dtypes).index(r["dtype"]), activations.index(r["activation"]),
+                                       str(r["depth"]), shapes.index(r["shape"]), IMPLS.index(r["impl"])))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -872,7 +962,9 @@ def _cells(row):
     depth = "-" if row["depth"] is None else str(row["depth"])
     rate = "" if row.get("gflops") is None else f"{row['gflops']:.1f}"
     share = "" if row.get("peak_fraction") is None else f"{100 * row['peak_fraction']:.0f}%"
-    return (row["subject"], row["phase"], depth, row["shape"], row.get("dtype", "float32"), row["impl"], ratio,
+    # The activation is a dimension of the mlp rows only (the other subjects' models are ReLU's).
+    subject = f"mlp ({row['activation']})" if row["subject"] == "mlp" else row["subject"]
+    return (subject, row["phase"], depth, row["shape"], row.get("dtype", "float32"), row["impl"], ratio,
             vs_seed, value, spread, rate, share, count)
 
 
@@ -944,9 +1036,11 @@ def render(results, out, plot=True):
     print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
 
 
-def _panel_title(subject, phase, depth):
+def _panel_title(subject, phase, depth, activation=SEED_ACTIVATION):
     if subject == "layer":
         return f"layer {phase}"
+    if subject == "mlp":
+        return f"MLP Linear -> {activation} -> Linear {phase}"
     if subject == "net":
         return f"net forward+backward, depth {depth}"
     if subject == "step":
@@ -969,21 +1063,26 @@ def plot_speedup(results, path):
 
     rows = results["rows"]
     layer_shapes = [*results["config"]["shapes"], *results["config"].get("layer_shapes", [])]
-    panels = list(dict.fromkeys((r["subject"], r["phase"], r["depth"], r.get("dtype", "float32")) for r in rows))
+    shapes_of = {"layer": layer_shapes, "mlp": results["config"].get("mlp_shapes", [])}
+
+    def panel(r):  # schema < 4: no dtype (float32); < 5: no activation (the seed's ReLU)
+        return r["subject"], r["phase"], r["depth"], r.get("dtype", "float32"), r.get("activation", SEED_ACTIVATION)
+
+    panels = list(dict.fromkeys(panel(r) for r in rows))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (subject, phase, depth, dtype) in zip(axes, panels):
-        shapes = layer_shapes if subject == "layer" else results["config"]["shapes"]
+    for ax, (subject, phase, depth, dtype, activation) in zip(axes, panels):
+        shapes = shapes_of.get(subject, results["config"]["shapes"])
         vs_seed = subject == "step" and any(r.get("ratio_vs_seed") for r in rows)  # schema < 3: none
         ratio = "ratio_vs_seed" if vs_seed else "ratio_vs_stock"
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="the seed's step" if vs_seed else "stock")
         for impl in IMPLS:
             if impl == "stock" and not (vs_seed and phase != STEP_PHASES[SEED_OPTIMIZER]):
                 continue  # the baseline itself
-            points = {r["shape"]: r for r in rows if (r["subject"], r["phase"], r["depth"], r.get("dtype", "float32"),
-                                                      r["impl"]) == (subject, phase, depth, dtype, impl)
+            points = {r["shape"]: r for r in rows
+                      if (*panel(r), r["impl"]) == (subject, phase, depth, dtype, activation, impl)
                       and r.get(ratio) is not None}
             if not points:
                 continue
@@ -996,7 +1095,8 @@ def plot_speedup(results, path):
                 lo = [y - y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p80_ms"] for i, y in zip(xs, ys)]
                 hi = [y * points[shapes[i]]["median_ms"] / points[shapes[i]]["p20_ms"] - y for i, y in zip(xs, ys)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=impl, color=color)
-        ax.set_title(_panel_title(subject, phase, depth) + ("" if dtype == "float32" else f", {dtype}"), fontsize=10)
+        ax.set_title(_panel_title(subject, phase, depth, activation) + ("" if dtype == "float32" else f", {dtype}"),
+                     fontsize=10)
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")  # ratios: 2x faster and 2x slower lie equally far from 1
         low, high = ax.get_ylim()
@@ -1012,5 +1112,5 @@ def plot_speedup(results, path):
     fig.suptitle(f"dynnet_ext vs stock PyTorch on {c['device']} ({m['gpu'] or m['cpu_model']}, "
                  f"{c['threads']} threads), "
                  f"torch {m['torch_version']}, commit {(m['git_commit'] or 'unknown')[:10]}; "
-                 "shapes: layer batch x in x out, net N x D_in x H", fontsize=10)
+                 "shapes: layer batch x in x out, net N x D_in x H, mlp tokens x d_model x hidden", fontsize=10)
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ from dynnet_ext import bench
 from dynnet_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "dtype", "impl", "median_ms", "p20_ms", "p80_ms",
+ROW_KEYS = {"subject", "phase", "shape", "dims", "depth", "dtype", "activation", "impl", "median_ms", "p20_ms", "p80_ms",
             "ratio_vs_stock", "ratio_vs_seed", "reps", "iters_per_rep", "samples_ms", "memory_bytes", "gemm_flops",
             "gflops",
             "peak_fraction"}
@@ -103,6 +103,7 @@ def test_quick_rows_present(quick):
     # The per-layer fused network has net/step/memory rows, no layer rows.
     assert {k[0] for k in keys if k[3] == "fused-layer"} == {"net", "step", "memory"}
     assert len(keys) == len(rows), "one row per subject/phase/depth/impl at one shape"
+    assert {r["activation"] for r in rows} == {bench.SEED_ACTIVATION}  # the seed's model: ReLU
 
 
 def test_step_rows_with_both_optimizers(quick):
@@ -151,17 +152,85 @@ def test_persample_quick_rows(tmp_path):
 
 
 def test_plan_dtypes_and_transformer_shapes():
-    # The dtype dimension covers layer, net and step; memory and persample stay float32; the
-    # transformer widths are the layer's only.
-    plan = bench._plan(list(bench.SUBJECTS), [bench.SEED_SHAPE], list(bench.DTYPES), ["512x768x3072"])
+    # The dtype dimension covers layer, net, step and mlp; memory and persample stay float32; the
+    # transformer widths are the layer's only (the mlp has its own shapes).
+    plan = bench._plan(list(bench.SUBJECTS), [bench.SEED_SHAPE], list(bench.DTYPES), ["512x768x3072"], ["8x16x32"])
     by = {}
-    for shape, subject, phase, depth, dtype in plan:
+    for shape, subject, phase, depth, dtype, _ in plan:
         by.setdefault((shape, subject), set()).add(dtype)
     for subject in bench.DTYPE_SUBJECTS:
-        assert by[(bench.SEED_SHAPE, subject)] == set(bench.DTYPES)
+        assert by["8x16x32" if subject == "mlp" else bench.SEED_SHAPE, subject] == set(bench.DTYPES)
     assert by[(bench.SEED_SHAPE, "memory")] == by[(bench.SEED_SHAPE, "persample")] == {"float32"}
     assert {s for s, _ in by if s == "512x768x3072"} and {sub for s, sub in by if s == "512x768x3072"} == {"layer"}
     assert len(plan) == len(set(plan))
+
+
+def test_plan_mlp():
+    # The transformer MLP at its own shapes only, in every dtype and activation asked for; not
+    # part of a run unless named.
+    plan = bench._plan(["layer", "mlp"], [bench.SEED_SHAPE], ["float32", "bfloat16"], [], ["8x16x32", "4x8x16"],
+                       ["gelu", "relu"])
+    mlp = {(shape, dtype, act) for shape, subject, phase, depth, dtype, act in plan if subject == "mlp"}
+    assert mlp == {(s, d, a) for s in ("8x16x32", "4x8x16") for d in ("float32", "bfloat16") for a in ("gelu", "relu")}
+    assert {(phase, depth) for _, subject, phase, depth, _, _ in plan if subject == "mlp"} == {("forward+backward", None)}
+    assert {shape for shape, subject, *_ in plan if subject == "layer"} == {bench.SEED_SHAPE}
+    assert not bench._plan(["layer"], [bench.SEED_SHAPE], ["float32"], [], ["8x16x32"], ["gelu"])[-1][1] == "mlp"
+    assert "mlp" not in bench.add_arguments(argparse.ArgumentParser()).parse_args([]).subjects
+    # Its GEMMs: two layers of tokens x d_model x hidden, each 1 forward and 2 backward GEMMs.
+    assert bench.gemm_flops("mlp", "forward+backward", "8x16x32", None) == 2 * 3 * 2 * 8 * 16 * 32
+
+
+@pytest.mark.parametrize("activation", list(bench.MLP_ACTIVATIONS))
+@pytest.mark.parametrize("dtype", bench.DTYPES)
+def test_mlp_cases(dtype, activation):
+    # fuse() of the stock MLP: the first Linear and the activation one fused layer, the same
+    # results as stock within the dtype's rounding, in the dtype (or under autocast).
+    from dynnet_ext.nn import FusedLinear
+
+    param = torch.float32 if dtype.startswith("autocast") else getattr(torch, dtype)
+    case = bench.MlpCase((16, 24, 40), ["fused", "stock", "fused-layer", "addmm-activation"], "cpu", dtype,
+                         activation)
+    assert set(case.models) == {"fused", "stock"}
+    fused = case.models["fused"]
+    assert isinstance(fused[0], FusedLinear) and fused[0].activation == activation
+    assert [type(m) for m in fused[1:]] == [torch.nn.Identity, torch.nn.Linear]
+    assert [type(m) for m in case.models["stock"]] == [torch.nn.Linear, type(bench.MLP_ACTIVATIONS[activation]()),
+                                                       torch.nn.Linear]
+    outs = {}
+    for impl, model in case.models.items():
+        assert all(p.dtype == param for p in model.parameters()) and case.x.dtype == param
+        outs[impl] = case.runners("forward")[impl].fn()
+        assert outs[impl].dtype == getattr(torch, bench.compute_dtype(dtype))
+        runner = case.runners("forward+backward")[impl]
+        runner.setup()
+        runner.fn()
+        assert all(p.grad.dtype == param for p in model.parameters())
+    torch.testing.assert_close(outs["fused"], outs["stock"], atol=0.1, rtol=0.05)
+
+
+def test_mlp_quick_rows(tmp_path):
+    # `bench --quick --subjects mlp`: a row per implementation at the quick shape, with its
+    # activation, dims and GEMM FLOPs, and the fused kernels ran.
+    out = tmp_path / "mlp"
+    before = {op: dynnet_ext.kernel_calls()["cpu"][op] for op in ("linear_relu", "linear_relu_backward")}
+    assert main(["bench", "--quick", "--subjects", "mlp", "--reps", "2", "--out", str(out), "--no-plot"]) == 0
+    assert all(dynnet_ext.kernel_calls()["cpu"][op] > n for op, n in before.items())
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == bench.SCHEMA and res["errors"] == []
+    config = res["config"]
+    assert config["subjects"] == ["mlp"] and config["mlp_shapes"] == list(bench.MLP_QUICK_SHAPES)
+    assert config["mlp_activations"] == list(bench.DEFAULT_MLP_ACTIVATIONS) == ["gelu"]
+    rows = {(r["subject"], r["phase"], r["shape"], r["dtype"], r["activation"], r["impl"]): r for r in res["rows"]}
+    shape = bench.MLP_QUICK_SHAPES[0]
+    assert set(rows) == {("mlp", "forward+backward", shape, "float32", "gelu", impl)
+                         for impl in ("fused", "stock", "compile")}
+    tokens, d_model, hidden = bench.parse_shape(shape)
+    for row in rows.values():
+        assert set(row) == ROW_KEYS and row["depth"] is None
+        assert row["dims"] == {"tokens": tokens, "d_model": d_model, "hidden": hidden}
+        assert row["gemm_flops"] == 12 * tokens * d_model * hidden
+        assert row["ratio_vs_stock"] > 0 and 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert "| mlp (gelu) | forward+backward |" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("dtype", bench.DTYPES[1:])
@@ -273,7 +342,8 @@ def test_options_parse():
 
 
 @pytest.mark.parametrize("script,has_subjects", [("linear_relu.py", False), ("dynamic_net.py", False),
-                                                 ("train_step.py", True), ("per_sample_grads.py", False)])
+                                                 ("train_step.py", True), ("per_sample_grads.py", False),
+                                                 ("transformer_mlp.py", False)])
 def test_scripts_help(script, has_subjects):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                          text=True, timeout=120)
