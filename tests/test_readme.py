@@ -60,10 +60,16 @@ def test_exactly_two_setup_commands_and_ci_reads_the_test_one():
         assert "<!-- test-command -->" in f.read()
 
 
+# What "Scaling out" advises after destroy_process_group.
+EXIT = "import sys\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)\n"
+
+
 def test_scaling_out_recipes_run_under_torchrun(tmp_path):
     """The FSDP2 and tensor-parallel scripts of "Scaling out" run as written, one after the
     other in the same 2 processes (one torchrun: the process group the first starts, the second
-    uses, so the first's last line and the second's init_process_group are left out)."""
+    uses, so the first's last line and the second's init_process_group are left out). After the
+    last line each rank says so and leaves without the interpreter's teardown, as the README
+    advises (dynnet_ext.cli.run says why)."""
     text = readme()
     section = text[text.index("## Scaling out"):text.index("## How it works")]
     fsdp, tp = re.findall(r"```python\n(.*?)```", section, re.S)
@@ -71,9 +77,12 @@ def test_scaling_out_recipes_run_under_torchrun(tmp_path):
     end, start = "dist.destroy_process_group()\n", 'dist.init_process_group("gloo")\n'
     assert fsdp.endswith(end) and tp.count(start) == 1
     path = tmp_path / "recipes.py"
-    path.write_text(fsdp[:-len(end)] + tp.replace(start, ""))
+    assert tp.endswith(end) and "`os._exit(0)`" in section
+    rank = "import os\nprint('finished rank', os.environ['RANK'], flush=True)\n"
+    path.write_text(fsdp[:-len(end)] + tp.replace(start, "") + rank + EXIT)
     proc = torchrun(str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.split("\n")[:-1]) == ["finished rank 0", "finished rank 1"], proc.stdout
 
 
 def test_train_summary_shown_as_train_prints_it(capsys):
