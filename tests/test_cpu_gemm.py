@@ -243,8 +243,11 @@ def test_form_rule(isa):
     _C.set_cpu_gemm_form("auto")
     assert form_for(64, 1000, 100) == direct  # the seed's grad_x = g @ W
     assert form_for(100, 1000, 64) == direct  # its grad_W = g.T @ x
-    assert form_for(1024, 1000, 100) == direct  # short K: one K-block at any M
-    assert form_for(1024, 1024, 1024) == "packed"  # many rows reuse a long B
+    assert form_for(1024, 1000, 100) == ("aten" if isa == "avx2" else direct)  # short K: one K-block at any M
+    # Many rows reuse a long B: packed - AVX2's float32 from 2^25 multiply-adds on: ATen's BLAS.
+    assert form_for(1024, 1024, 1024) == ("aten" if isa == "avx2" else "packed")
+    assert form_for(1024, 1024, 1024, "bfloat16") == "packed"
+    assert form_for(256, 1024, 127) == form_for(254, 1024, 128, "float32", False) != "aten"  # just below 2^25
     assert form_for(64, 100, 1000, "float32", False) == "dot"  # the seed's input layer forward
     assert form_for(64, 100, 100, "float32", False) == "packed"  # its hidden layer forward
     assert form_for(64, 1000, 100, "bfloat16") == form_for(64, 1000, 100, "float16") == "packed"

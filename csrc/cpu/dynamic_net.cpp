@@ -41,6 +41,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <functional>
 #include <torch/library.h>
 
@@ -229,6 +230,11 @@ void dynamic_net_backward_engine(const gemm::Kernels* k, const at::Tensor& go, c
   });
 }
 
+// Multiply-adds of the network's largest layer product (gemm::kernels_for's choice).
+double largest_product(int64_t M, int64_t D_in, int64_t H, int64_t D_out) {
+  return double(M) * double(H) * double(std::max({D_in, H, D_out}));
+}
+
 std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                                                    const std::optional<at::Tensor>& w_h,
                                                    const std::optional<at::Tensor>& b_h, const at::Tensor& w_out,
@@ -248,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor> dynamic_net_cpu(const at::Tensor& x, const at
   // A layer with no inputs (D_in or H == 0) returns its bias as stock's addmm does (the engine's
   // 0 + b would turn a -0 into +0): the ATen path below.
   const bool has_products = D_in > 0 && H > 0;
-  if (const gemm::Kernels* k = has_products ? gemm::kernels_for(x.scalar_type()) : nullptr) {
+  if (const gemm::Kernels* k = has_products ? gemm::kernels_for(x.scalar_type(), largest_product(M, D_in, H, D_out))
+                                             : nullptr) {
     at::Tensor out2 = out.view({M, D_out});
     dynamic_net_forward_engine(k, as_2d(x, M, D_in), w_in, b_in, w_h, b_h, w_out, b_out, depth, acts, out2);
     return {out, acts};
@@ -308,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = grad_out.reshape({M, D_out}).contiguous();
   const at::Tensor acts = acts_arg.contiguous();
   at::Tensor gx2 = need[kX] ? gx.view({M, D_in}) : gx;
-  if (const gemm::Kernels* k = gemm::kernels_for(x.scalar_type())) {
+  if (const gemm::Kernels* k = gemm::kernels_for(x.scalar_type(), largest_product(M, D_in, H, D_out))) {
     dynamic_net_backward_engine(k, go, x2, w_in, w_h, w_out, acts, depth, need, gx2, gw_in, gb_in, gw_h, gb_h,
                                 gw_out, gb_out);
     return {gx, gw_in, gb_in, gw_h, gb_h, gw_out, gb_out};

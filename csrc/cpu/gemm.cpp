@@ -179,6 +179,20 @@ const Kernels* kernels_for(at::ScalarType dtype) {
   }
 }
 
+// AVX2's 6 x 16 float32 micro-kernel runs behind ATen's BLAS on large problems: on a Zen 3
+// (2 threads) a layer's forward and backward at 512-2048 x 768 x 3072 takes 1.15-1.35x stock's
+// time in every form, while the small ones (the seed's 64 x 1000 x 100) gain from the fused
+// store; the two meet near 2^25 multiply-adds (benchmarks/results/README.md, thresholds:
+// avx2-float32-aten). bfloat16 and float16 stay: ATen has no fast path for them there.
+constexpr double kAvx2Float32AtenMacs = double(int64_t(1) << 25);
+
+const Kernels* kernels_for(at::ScalarType dtype, double macs) {
+  const Kernels* k = kernels_for(dtype);
+  const bool to_aten = k != nullptr && k == avx2_kernels() && dtype == at::kFloat && macs >= kAvx2Float32AtenMacs &&
+                       form_override().load(std::memory_order_relaxed) == kFormAuto;
+  return to_aten ? nullptr : k;
+}
+
 std::string kernels_name(const std::string& dtype) {
   const at::ScalarType t = dtype == "float32"    ? at::kFloat
                            : dtype == "bfloat16" ? at::kBFloat16
@@ -197,7 +211,7 @@ std::string form() { return kFormNames[form_override().load()]; }
 std::string form_for(int64_t M, int64_t N, int64_t K, const std::string& dtype, bool b_rows) {
   const std::string name = kernels_name(dtype);  // checks the name
   const at::ScalarType t = dtype == "float32" ? at::kFloat : dtype == "bfloat16" ? at::kBFloat16 : at::kHalf;
-  const Kernels* k = name == "aten" ? nullptr : kernels_for(t);
+  const Kernels* k = name == "aten" ? nullptr : kernels_for(t, double(M) * double(N) * double(K));
   if (k == nullptr) return "aten";
   Problem p;
   p.M = M, p.N = N, p.K = K, p.dtype = dtype_of(t);

@@ -20,6 +20,10 @@ namespace gemm {
 // without AVX2+FMA, or DYNNET_EXT_CPU_GEMM=aten). Chosen once per process from the CPU and the
 // environment variable DYNNET_EXT_CPU_GEMM (auto | avx512 | avx2 | aten); set_isa overrides it.
 const Kernels* kernels_for(at::ScalarType dtype);
+// The kernels for an op whose largest product has `macs` multiply-adds: kernels_for, or nullptr
+// (ATen) where ATen's BLAS is the faster - AVX2's float32 kernels from kAvx2Float32AtenMacs up,
+// unless a form is forced (gemm.cpp, above kAvx2Float32AtenMacs, says why).
+const Kernels* kernels_for(at::ScalarType dtype, double macs);
 // The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
 std::string isa();
 // The kernels the ops use now for a dtype ("float32", "bfloat16", "float16", "float64"):

@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   // product itself, so those take ATen's path - unless the engine reads float32 B where it lies
   // (the direct form, gemm.cpp): then only 1 row does (benchmarks/results/README.md, thresholds:
   // layer-backward-min-rows).
-  const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type());
+  const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type(), double(M) * double(N) * double(K));
   const bool direct = kern && kern->direct && x.scalar_type() == at::kFloat;
   if (kern && (M >= 2 * kern->mr || (direct && M >= 2)) && (need_gx || need_gw)) {
     // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
@@ -222,7 +222,8 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
   if (M == 0 || N == 0) return;
   // K == 0 (no products): ATen's addmm below returns the bias itself, as stock does; the
   // engine's 0 + b would turn a -0 bias into +0.
-  if (const gemm::Kernels* kern = x2.size(1) > 0 ? gemm::kernels_for(x2.scalar_type()) : nullptr) {
+  const double macs = double(M) * double(N) * double(x2.size(1));
+  if (const gemm::Kernels* kern = x2.size(1) > 0 ? gemm::kernels_for(x2.scalar_type(), macs) : nullptr) {
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     gemm::Problem p = gemm::product(M, N, x2.size(1), x2.scalar_type(), gemm::view_of(x2), gemm::view_of_t(weight),
                                     y2.data_ptr(), y2.stride(0));
