@@ -180,7 +180,7 @@ const Kernels* kernels_for(at::ScalarType dtype) {
 }
 
 // AVX2's 6 x 16 float32 micro-kernel runs behind ATen's BLAS on large problems: on a Zen 3
-// (2 threads) a layer's forward and backward at 512-2048 x 768 x 3072 takes 1.15-1.35x stock's
+// (2 threads) a layer's forward and backward at 512-2048 x 768 x 3072 takes 1.1-1.35x stock's
 // time in every form, while the small ones (the seed's 64 x 1000 x 100) gain from the fused
 // store; the two meet near 2^25 multiply-adds (benchmarks/results/README.md, thresholds:
 // avx2-float32-aten). bfloat16 and float16 stay: ATen has no fast path for them there.
