@@ -22,6 +22,32 @@ CONFIGS = {
     "bf16-params": {"impl": "fused", "fsdp_wrap": "layers", "param_dtype": torch.bfloat16},
 }
 LAYERS = ("input_layer", "hidden_layer", "output_layer")
+# (in, out, activation) of each layer of the activation MLP (activation_layers).
+ACTIVATION_MLP = ((12, 16, "gelu"), (16, 16, "gelu_tanh"), (16, 8, "silu"), (8, 3, "none"))
+
+
+def activation_mlp(fused=True):
+    """ACTIVATION_MLP as fused layers, or as the stock nn.Linear + activation modules they stand
+    for (fused=False), the same parameter names either way (layer i's weight: "i.weight")."""
+    from torch import nn
+
+    from dynnet_ext.nn import FusedLinear, FusedLinearGELU, FusedLinearSiLU
+
+    fused_layers = {"gelu": FusedLinearGELU, "gelu_tanh": lambda i, o: FusedLinearGELU(i, o, approximate="tanh"),
+                    "silu": FusedLinearSiLU, "none": FusedLinear}
+    stock = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "none": nn.Identity}
+    if fused:
+        return nn.Sequential(*(fused_layers[a](i, o) for i, o, a in ACTIVATION_MLP))
+
+    class Layer(nn.Linear):
+        def __init__(self, i, o, a):
+            super().__init__(i, o)
+            self.act = stock[a]()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    return nn.Sequential(*(Layer(i, o, a) for i, o, a in ACTIVATION_MLP))
 
 
 def train(device, config):
@@ -90,10 +116,36 @@ def mechanics(device):
             "forward_comms": dict(forward_comms.counts), "backward_comms": dict(backward_comms.counts)}
 
 
+def activation_layers(device):
+    """The GELU, GELU-tanh and SiLU layers under FSDP2's per-module recipe: one forward and
+    backward of ACTIVATION_MLP, each layer and the root sharded; the output slice, the gathered
+    gradients and the kernel calls."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    where = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
+    torch.manual_seed(0)
+    model = activation_mlp().to(where)
+    x = torch.randn(SHAPE["N"], ACTIVATION_MLP[0][0], device=where)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    before = dynnet_ext.kernel_calls()[device]
+    y = model(x.chunk(world)[rank])
+    (y.square().sum() * world).backward()  # FSDP averages over ranks: the whole batch's sum
+    return {"x": x, "initial": initial, "y": y.detach(), "calls": kernel_calls_since(before, device),
+            "grads": {name: full(p.grad) for name, p in model.named_parameters()}}
+
+
 def main():
     device, out = sys.argv[1], sys.argv[2]
     result = {name: train(device, config) for name, config in CONFIGS.items()}
     result["mechanics"] = mechanics(device)
+    result["activations"] = activation_layers(device)
     finish(result, out)
 
 

@@ -4,7 +4,8 @@ parameters and gradients at every step, depths 0-3 - with the per-module recipe 
 then the root), root-only wrapping, fusion="layer", and bfloat16 parameters
 (MixedPrecisionPolicy); and FSDP's mechanics (reshard after forward and backward, one
 post-backward gradient reduce-scatter per layer inside the backward, prefetching) hold for the
-whole-network op. The worker is tests/fsdp_worker.py."""
+whole-network op; the GELU, GELU-tanh and SiLU layers shard and train as stock's. The worker is
+tests/fsdp_worker.py."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import cli
-from fsdp_worker import CONFIGS, LAYERS, SEED, SHAPE, STEPS
+from fsdp_worker import CONFIGS, LAYERS, SEED, SHAPE, STEPS, activation_mlp
 from test_training import kernel_counts
 from torchrun import DEVICES, PROCS, run_worker, torchrun
 
@@ -100,6 +101,28 @@ def test_whole_network_op_keeps_fsdp_mechanics(fsdp_run, ran):
                                    **tol(torch.float32))
         for name, p in model.named_parameters():
             torch.testing.assert_close(m["grads"][name], p.grad, **tol(torch.float32), msg=name)
+
+
+def test_activation_layers_under_the_per_module_recipe(fsdp_run, ran):
+    """FusedLinearGELU (both approximations), FusedLinearSiLU and FusedLinear, each sharded and
+    the root: the output and every gradient as stock's nn.Linear + activation compute them on
+    one process, the fused layers' kernels run."""
+    device, ranks = fsdp_run
+    for r in ranks:
+        ran.reported(r["activations"]["calls"], "linear_relu", "linear_relu_backward", device=device)
+    a0 = ranks[0]["activations"]
+    model = activation_mlp(fused=False).to(device)
+    model.load_state_dict(a0["initial"])
+    x = a0["x"].to(device)
+    y = model(x)
+    y.square().sum().backward()
+    for rank, r in enumerate(ranks):
+        a = r["activations"]
+        rows = x.shape[0] // len(ranks)
+        torch.testing.assert_close(a["y"], y.detach()[rank * rows:(rank + 1) * rows], **tol(torch.float32))
+        assert set(a["grads"]) == {name for name, _ in model.named_parameters()}
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(a["grads"][name], p.grad, **tol(torch.float32), msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
