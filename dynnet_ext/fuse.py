@@ -235,17 +235,22 @@ def _module_activation(module):
 _ACTIVATION_WORDS = re.compile(r"\b(relu_?|gelu|silu)\b")
 
 
+def _called_modules(module, prefix=""):
+    """(path relative to module, submodule) for each module that module's own forward calls: its
+    children and those inside ModuleList/ModuleDict children (a Sequential child is fused on its
+    own)."""
+    for name, child in module._modules.items():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from _called_modules(child, _join(prefix, name))
+        elif child is not None:
+            yield _join(prefix, name), child
+
+
 def _activation_in_sight(module):
     """Whether an untraceable module may apply an activation to its Linears' outputs: a known
     activation module among the modules its forward calls, or its forward's source naming relu,
     gelu or silu (or not readable)."""
-    def children(m):
-        for child in m.children():
-            yield child
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-                yield from children(child)
-
-    if any(_module_activation(c) for c in children(module)):
+    if any(_module_activation(m) for _, m in _called_modules(module)):
         return True
     try:
         source = inspect.getsource(type(module).forward)
@@ -338,19 +343,8 @@ class _Context:
         return f"{what}: {shared}" if shared else None
 
     def direct_linears(self, module):
-        """{path relative to module: nn.Linear} that module's own forward calls: its children and
-        those inside ModuleList/ModuleDict children (a Sequential child is fused on its own)."""
-        found = {}
-
-        def walk(m, prefix):
-            for name, child in m._modules.items():
-                if type(child) is nn.Linear:
-                    found[_join(prefix, name)] = child
-                elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-                    walk(child, _join(prefix, name))
-
-        walk(module, "")
-        return found
+        """{path relative to module: nn.Linear} that module's own forward calls (_called_modules)."""
+        return {name: m for name, m in _called_modules(module) if type(m) is nn.Linear}
 
     def fuse_traced(self, module, path):
         linears = self.direct_linears(module)
