@@ -44,11 +44,12 @@ SUBJECTS = ("layer", "net", "step", "memory", "persample", "mlp")
 # What runs without --subjects: the seed's model. The transformer MLP is asked for by name.
 DEFAULT_SUBJECTS = ("layer", "net", "step", "memory", "persample")
 IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
-         "addmm-activation")
-DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile"), "cuda": IMPLS}
+         "addmm-activation", "fused-all")
+DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile", "fused-all"), "cuda": IMPLS}
 # Implementations that exist for one subject kind only: a layer's forward (addmm-activation), a
-# network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again).
-LAYER_ONLY, NET_ONLY = ("addmm-activation",), ("fused-layer",)
+# network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again), the
+# MLP with every Linear fused (fused-all: fuse(linear=True); the seed's models have no other).
+LAYER_ONLY, NET_ONLY, MLP_ONLY = ("addmm-activation",), ("fused-layer",), ("fused-all",)
 # Per-sample gradients: the fused models, stock, and torch.compile of stock's vmap(grad) function
 # (the CUDA-graph compile modes are left out: the function returns a fresh dict of gradients).
 PERSAMPLE_IMPLS = ("fused", "fused-layer", "stock", "compile")
@@ -193,7 +194,7 @@ def add_arguments(parser, subjects=SUBJECTS, default_subjects=None):
                         help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
                              f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
                              "(fused: the default DynamicNet, whole-network ops; in mlp rows fuse() of the stock "
-                             "MLP; fused-layer: "
+                             "MLP; fused-all: fuse(linear=True) of it, mlp only; fused-layer: "
                              "DynamicNet(fusion='layer'), net/step/memory only; addmm-activation = "
                              "torch._addmm_activation, layer forward only)")
     parser.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=None,
@@ -363,7 +364,7 @@ class LayerCase:
         base = nn.Sequential(nn.Linear(fin, fout, device=device, dtype=param_dtype), nn.ReLU())
         self.models = {}
         for impl in impls:
-            if impl in NET_ONLY:
+            if impl in NET_ONLY or impl in MLP_ONLY:
                 continue
             if impl == "fused":
                 model = FusedLinearReLU(fin, fout, device=device, dtype=param_dtype)
@@ -409,8 +410,8 @@ class MlpCase(LayerCase):
     """A transformer block's MLP, nn.Sequential(Linear(d_model, hidden), activation,
     Linear(hidden, d_model)), at one shape (tokens x d_model x hidden), one model per
     implementation, identical weights: stock; fused = dynnet_ext.fuse() of the stock module (the
-    first Linear and the activation one fused layer, the second Linear stock's); compile modes of
-    the stock module. Timed as the layer's phases are (x requires grad: inside a network)."""
+    first Linear and the activation one fused layer, the second Linear stock's); fused-all =
+    fuse(linear=True) (the second Linear a FusedLinear too); compile modes of the stock module. Timed as the layer's phases are (x requires grad: inside a network)."""
 
     def __init__(self, shape, impls, device, dtype="float32", activation="gelu"):
         from .fuse import fuse
@@ -425,8 +426,8 @@ class MlpCase(LayerCase):
         for impl in impls:
             if impl in LAYER_ONLY or impl in NET_ONLY:
                 continue
-            if impl == "fused":
-                model, report = fuse(copy.deepcopy(base), report=True)
+            if impl in ("fused", "fused-all"):
+                model, report = fuse(copy.deepcopy(base), linear=impl == "fused-all", report=True)
                 if report.activations != {"0": activation}:  # else 'fused' would time stock's layers
                     raise RuntimeError(f"fuse did not fuse the MLP's Linear + {activation}: {report}")
             elif impl == "stock":
@@ -453,7 +454,7 @@ class NetCase:
         base = StockNet(D_in, H, D_OUT, device=device, dtype=param_dtype)
         self.models, self.optimizers = {}, {}
         for impl in impls:
-            if impl in LAYER_ONLY:
+            if impl in LAYER_ONLY or impl in MLP_ONLY:
                 continue
             if impl in ("fused", "fused-layer"):
                 model = DynamicNet(D_in, H, D_OUT, device=device, dtype=param_dtype,
@@ -852,7 +853,7 @@ def run(args):
     try:
         from . import has_kernels
 
-        if "fused" in impls and not has_kernels(device):
+        if {"fused", "fused-all"} & set(impls) and not has_kernels(device):
             print(f"dynnet_ext bench: WARNING: no {device} kernels compiled; 'fused' runs the stock PyTorch "
                   "fallback, so its numbers say nothing about the kernels", file=sys.stderr)
         machine = machine_info(device)

@@ -188,12 +188,15 @@ def test_mlp_cases(dtype, activation):
     from dynnet_ext.nn import FusedLinear
 
     param = torch.float32 if dtype.startswith("autocast") else getattr(torch, dtype)
-    case = bench.MlpCase((16, 24, 40), ["fused", "stock", "fused-layer", "addmm-activation"], "cpu", dtype,
-                         activation)
-    assert set(case.models) == {"fused", "stock"}
+    case = bench.MlpCase((16, 24, 40), ["fused", "stock", "fused-layer", "addmm-activation", "fused-all"], "cpu",
+                         dtype, activation)
+    assert set(case.models) == {"fused", "stock", "fused-all"}
     fused = case.models["fused"]
     assert isinstance(fused[0], FusedLinear) and fused[0].activation == activation
     assert [type(m) for m in fused[1:]] == [torch.nn.Identity, torch.nn.Linear]
+    every = case.models["fused-all"]  # fuse(linear=True): the second Linear ours too
+    assert every[0].activation == activation and every[2].activation == "none"
+    assert [type(m) for m in every[1:]] == [torch.nn.Identity, FusedLinear]
     assert [type(m) for m in case.models["stock"]] == [torch.nn.Linear, type(bench.MLP_ACTIVATIONS[activation]()),
                                                        torch.nn.Linear]
     outs = {}
@@ -205,7 +208,8 @@ def test_mlp_cases(dtype, activation):
         runner.setup()
         runner.fn()
         assert all(p.grad.dtype == param for p in model.parameters())
-    torch.testing.assert_close(outs["fused"], outs["stock"], atol=0.1, rtol=0.05)
+    for impl in ("fused", "fused-all"):
+        torch.testing.assert_close(outs[impl], outs["stock"], atol=0.1, rtol=0.05)
 
 
 def test_mlp_quick_rows(tmp_path):
@@ -223,7 +227,7 @@ def test_mlp_quick_rows(tmp_path):
     rows = {(r["subject"], r["phase"], r["shape"], r["dtype"], r["activation"], r["impl"]): r for r in res["rows"]}
     shape = bench.MLP_QUICK_SHAPES[0]
     assert set(rows) == {("mlp", "forward+backward", shape, "float32", "gelu", impl)
-                         for impl in ("fused", "stock", "compile")}
+                         for impl in ("fused", "stock", "compile", "fused-all")}
     tokens, d_model, hidden = bench.parse_shape(shape)
     for row in rows.values():
         assert set(row) == ROW_KEYS and row["depth"] is None

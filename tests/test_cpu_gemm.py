@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
 from dynnet_ext import reference
@@ -109,6 +110,20 @@ def test_epilogue_nan(cpu_gemm_isa, cpu_gemm_form):
 
 
 ENGINES = [i for i in CPU_GEMM_ISAS if i != "aten"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 1000, 100), (5, 0, 7), (3, 5, 1)])
+def test_aten_forward_is_stock_linear_bit_for_bit(shape, dtype):
+    # On ATen's BLAS (float64 always, float32 at AVX2's large products, or asked for) the bias
+    # goes into addmm as stock's F.linear puts it, so y is F.linear's bits (and ReLU's), not
+    # within a tolerance of them: mm + a bias pass afterwards would round differently.
+    m, k, n = shape
+    x, w, b = (torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype))
+    set_cpu_gemm("aten")
+    for bias in (b, None):
+        assert torch.equal(OPS.linear_relu(x, w, bias, "none"), F.linear(x, w, bias))
+        assert torch.equal(OPS.linear_relu(x, w, bias, "relu"), F.relu(F.linear(x, w, bias)))
 
 
 @pytest.mark.parametrize("shape", [(1024, 300, 200), (5, 300, 700), (64, 1000, 100), (12, 100, 400)])

@@ -41,18 +41,13 @@ void parallel_tasks(int64_t tasks, const F& fn) {
   });
 }
 
-// y = act(y + bias) in place, y: (rows, cols) contiguous, bias: (cols) or nullptr (kBias false).
-template <typename scalar_t, bool kRelu, bool kBias>
-void bias_act_rows(scalar_t* __restrict__ y, const scalar_t* __restrict__ bias, int64_t rows, int64_t cols) {
+// y = relu(y) in place, y: (rows, cols) contiguous (keeps NaN, as torch.relu).
+template <typename scalar_t>
+void relu_rows(scalar_t* __restrict__ y, int64_t rows, int64_t cols) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* __restrict__ row = y + i * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      acc_t v = static_cast<acc_t>(row[j]);
-      if constexpr (kBias) v += static_cast<acc_t>(bias[j]);
-      if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;
-      row[j] = static_cast<scalar_t>(v);
-    }
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const acc_t v = static_cast<acc_t>(y[i]);
+    y[i] = v < acc_t(0) ? scalar_t(0) : y[i];
   }
 }
 

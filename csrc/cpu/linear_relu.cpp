@@ -7,8 +7,8 @@
 // where it lies by the dot form), x read where it lies, bias + ReLU + rounding to the
 // dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
 // the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
-// float64, or DYNNET_EXT_CPU_GEMM=aten: ATen's GEMM (MKL) into y, then one in-place pass for
-// bias and activation (half types: bias inside addmm's accumulator, so still rounded once).
+// float64, float32 on AVX2 at large products, or DYNNET_EXT_CPU_GEMM=aten: ATen's addmm (MKL)
+// into y, the bias inside it as stock's F.linear has it, then ReLU in one in-place pass.
 //
 // Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'):
 //   grad_bias = column sums of g, one pass (accumulated in acc_type: double for float, float
@@ -37,13 +37,6 @@ namespace {
 constexpr int64_t kGrainElements = 32768;  // elements per parallel task: below this, threads cost more than they save
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
-
-template <typename scalar_t, bool kRelu, bool kBias>
-void bias_act_inplace(scalar_t* y, const scalar_t* bias, int64_t rows, int64_t cols) {
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    bias_act_rows<scalar_t, kRelu, kBias>(y + begin * cols, bias, end - begin, cols);
-  });
-}
 
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
@@ -232,27 +225,21 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
     gemm::run(kern, {&p});
     return;
   }
-  // Half types: the bias goes into the GEMM (its fp32 accumulator), so y is rounded to the
-  // dtype once, as stock's addmm does; adding it afterwards would round twice. With no input
-  // features (K == 0) addmm returns the bias itself, as stock does.
-  const bool half = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
-  const bool bias_in_gemm = bias.has_value() && (half || x2.size(1) == 0);
-  if (bias_in_gemm) {
+  // The bias goes into the GEMM (addmm: y filled with the bias, then accumulated into), as
+  // stock's F.linear does - so y is stock's, bit for bit (half types: rounded once from the fp32
+  // accumulator; float32: one pass over y fewer than adding it afterwards, 2-3% of a
+  // transformer-width layer, benchmarks/results/README.md, thresholds: avx2-float32-aten). With no
+  // input features (K == 0) addmm returns the bias itself, as stock does. ReLU is one in-place
+  // pass after.
+  if (bias.has_value()) {
     at::cpu::addmm_out(y2, *bias, x2, weight.t());
   } else {
     at::cpu::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
   }
-  const bool has_bias = bias.has_value() && !bias_in_gemm;
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (act != Activation::Relu) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "linear_act_2d", [&] {
     scalar_t* yp = y2.data_ptr<scalar_t>();
-    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (act == Activation::Relu) {
-      has_bias ? bias_act_inplace<scalar_t, true, true>(yp, bp, M, N)
-               : bias_act_inplace<scalar_t, true, false>(yp, bp, M, N);
-    } else if (has_bias) {
-      bias_act_inplace<scalar_t, false, true>(yp, bp, M, N);
-    }
+    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) { relu_rows(yp + begin * N, end - begin, N); });
   });
 }
 
