@@ -44,12 +44,13 @@ SUBJECTS = ("layer", "net", "step", "memory", "persample", "mlp")
 # What runs without --subjects: the seed's model. The transformer MLP is asked for by name.
 DEFAULT_SUBJECTS = ("layer", "net", "step", "memory", "persample")
 IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", "compile-max-autotune",
-         "addmm-activation", "fused-all")
-DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile", "fused-all"), "cuda": IMPLS}
+         "addmm-activation", "fused-all", "stock-gemms")
+DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile", "fused-all", "stock-gemms"), "cuda": IMPLS}
 # Implementations that exist for one subject kind only: a layer's forward (addmm-activation), a
 # network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again), the
-# MLP with every Linear fused (fused-all: fuse(linear=True); the seed's models have no other).
-LAYER_ONLY, NET_ONLY, MLP_ONLY = ("addmm-activation",), ("fused-layer",), ("fused-all",)
+# MLP with every Linear fused (fused-all: fuse(linear=True); the seed's models have no other) and
+# the MLP's GEMMs alone (stock-gemms: the floor of any implementation on ATen's GEMMs).
+LAYER_ONLY, NET_ONLY, MLP_ONLY = ("addmm-activation",), ("fused-layer",), ("fused-all", "stock-gemms")
 # Per-sample gradients: the fused models, stock, and torch.compile of stock's vmap(grad) function
 # (the CUDA-graph compile modes are left out: the function returns a fresh dict of gradients).
 PERSAMPLE_IMPLS = ("fused", "fused-layer", "stock", "compile")
@@ -194,7 +195,8 @@ def add_arguments(parser, subjects=SUBJECTS, default_subjects=None):
                         help=f"comma-separated, among {', '.join(IMPLS)}; stock (the baseline) is always run. "
                              f"Default on cpu: {','.join(DEFAULT_IMPLS['cpu'])}; on cuda: all "
                              "(fused: the default DynamicNet, whole-network ops; in mlp rows fuse() of the stock "
-                             "MLP; fused-all: fuse(linear=True) of it, mlp only; fused-layer: "
+                             "MLP; fused-all: fuse(linear=True) of it, mlp only; stock-gemms: the MLP's six GEMMs alone "
+                             "(torch.mm), mlp only; fused-layer: "
                              "DynamicNet(fusion='layer'), net/step/memory only; addmm-activation = "
                              "torch._addmm_activation, layer forward only)")
     parser.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=None,
@@ -411,7 +413,8 @@ class MlpCase(LayerCase):
     Linear(hidden, d_model)), at one shape (tokens x d_model x hidden), one model per
     implementation, identical weights: stock; fused = dynnet_ext.fuse() of the stock module (the
     first Linear and the activation one fused layer, the second Linear stock's); fused-all =
-    fuse(linear=True) (the second Linear a FusedLinear too); compile modes of the stock module. Timed as the layer's phases are (x requires grad: inside a network)."""
+    fuse(linear=True) (the second Linear a FusedLinear too); compile modes of the stock module;
+    stock-gemms = no model, the GEMMs stock's autograd runs and nothing else (_mlp_gemms). Timed as the layer's phases are (x requires grad: inside a network)."""
 
     def __init__(self, shape, impls, device, dtype="float32", activation="gelu"):
         from .fuse import fuse
@@ -423,8 +426,9 @@ class MlpCase(LayerCase):
                              MLP_ACTIVATIONS[activation](),
                              nn.Linear(hidden, d_model, device=device, dtype=param_dtype))
         self.models = {}
+        self.gemms = _mlp_gemms(base, tokens, compute_dtype(dtype)) if "stock-gemms" in impls else None
         for impl in impls:
-            if impl in LAYER_ONLY or impl in NET_ONLY:
+            if impl in LAYER_ONLY or impl in NET_ONLY or impl == "stock-gemms":
                 continue
             if impl in ("fused", "fused-all"):
                 model, report = fuse(copy.deepcopy(base), linear=impl == "fused-all", report=True)
@@ -437,6 +441,35 @@ class MlpCase(LayerCase):
             self.models[impl] = model
         self.x = torch.randn(tokens, d_model, device=device, dtype=param_dtype, requires_grad=True)
         self.grad_y = torch.randn(tokens, d_model, device=device, dtype=getattr(torch, compute_dtype(dtype)))
+
+    def runners(self, phase):
+        runners = super().runners(phase)
+        if self.gemms is not None:
+            runners["stock-gemms"] = Runner(self.gemms[phase])
+        return runners
+
+
+def _mlp_gemms(base, tokens, dtype):
+    """{phase: fn} running the GEMMs stock's autograd runs for the MLP `base` at `tokens` rows,
+    and nothing else: torch.mm in the compute dtype on operands made beforehand (forward: x W1^T,
+    h W2^T; backward: grad_x and grad_weight of each layer). What is left of stock's time without
+    its bias adds, activation, activation backward, bias sums and autocast casts: stock's time over
+    this is the most that fusing that elementwise work can gain on ATen's GEMMs."""
+    w1, w2 = (lin.weight.detach().to(getattr(torch, dtype)) for lin in (base[0], base[2]))
+    hidden, d_model = w1.shape
+
+    def randn(*size):
+        return torch.randn(*size, device=w1.device, dtype=w1.dtype)
+
+    x, h, gy, g = randn(tokens, d_model), randn(tokens, hidden), randn(tokens, d_model), randn(tokens, hidden)
+
+    def forward():
+        return x.mm(w1.t()), h.mm(w2.t())
+
+    def backward():
+        return gy.mm(w2), gy.t().mm(h), g.mm(w1), g.t().mm(x)
+
+    return {"forward": forward, "backward": backward, "forward+backward": lambda: (forward(), backward())}
 
 
 class NetCase:

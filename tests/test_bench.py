@@ -188,8 +188,8 @@ def test_mlp_cases(dtype, activation):
     from dynnet_ext.nn import FusedLinear
 
     param = torch.float32 if dtype.startswith("autocast") else getattr(torch, dtype)
-    case = bench.MlpCase((16, 24, 40), ["fused", "stock", "fused-layer", "addmm-activation", "fused-all"], "cpu",
-                         dtype, activation)
+    case = bench.MlpCase((16, 24, 40), ["fused", "stock", "fused-layer", "addmm-activation", "fused-all",
+                                        "stock-gemms"], "cpu", dtype, activation)
     assert set(case.models) == {"fused", "stock", "fused-all"}
     fused = case.models["fused"]
     assert isinstance(fused[0], FusedLinear) and fused[0].activation == activation
@@ -210,6 +210,12 @@ def test_mlp_cases(dtype, activation):
         assert all(p.grad.dtype == param for p in model.parameters())
     for impl in ("fused", "fused-all"):
         torch.testing.assert_close(outs[impl], outs["stock"], atol=0.1, rtol=0.05)
+    # stock-gemms: no model, the six GEMMs of stock's autograd in the compute dtype - the shapes of
+    # the two layers' outputs and of grad_x, grad_weight of each.
+    (z, y), (g_h, g_w2, g_x, g_w1) = case.runners("forward+backward")["stock-gemms"].fn()
+    products = [z, y, g_h, g_w2, g_x, g_w1]
+    assert [tuple(t.shape) for t in products] == [(16, 40), (16, 24), (16, 40), (24, 40), (16, 24), (40, 24)]
+    assert {t.dtype for t in products} == {getattr(torch, bench.compute_dtype(dtype))}
 
 
 def test_mlp_quick_rows(tmp_path):
@@ -227,7 +233,7 @@ def test_mlp_quick_rows(tmp_path):
     rows = {(r["subject"], r["phase"], r["shape"], r["dtype"], r["activation"], r["impl"]): r for r in res["rows"]}
     shape = bench.MLP_QUICK_SHAPES[0]
     assert set(rows) == {("mlp", "forward+backward", shape, "float32", "gelu", impl)
-                         for impl in ("fused", "stock", "compile", "fused-all")}
+                         for impl in ("fused", "stock", "compile", "fused-all", "stock-gemms")}
     tokens, d_model, hidden = bench.parse_shape(shape)
     for row in rows.values():
         assert set(row) == ROW_KEYS and row["depth"] is None
