@@ -143,7 +143,9 @@ else
   t=$(allow 400)
   log "== bench --device cuda (timeout $t s) into $bench_dir"
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
-  bench_args=${GPU_CHECK_BENCH_ARGS:---impls fused,fused-layer,stock,compile,compile-reduce-overhead,addmm-activation --reps 11 --shapes 1x16x16,64x100x100,64x1000x100,1024x1024x1024,8192x4096x4096}
+  # The seed's subjects at the shapes the CUDA targets name, and the transformer MLP (GELU) at
+  # BERT-base widths, 512 and 2048 tokens.
+  bench_args=${GPU_CHECK_BENCH_ARGS:---subjects layer,net,step,memory,persample,mlp --impls fused,fused-layer,stock,compile,compile-reduce-overhead,addmm-activation,fused-all,stock-gemms --reps 11 --shapes 1x16x16,64x100x100,64x1000x100,1024x1024x1024,8192x4096x4096 --mlp-shapes 512x768x3072,2048x768x3072}
   timeout "$t" "$PY" -m dynnet_ext bench --device cuda --out "$bench_dir" $bench_args 2>&1 | tee -a "$STEPS"
   step_done bench $?
   for f in results.json results.md speedup.png; do

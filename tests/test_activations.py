@@ -283,3 +283,22 @@ def test_whole_module_pickles_and_copies(activation, tmp_path, ran):
         x = torch.randn(4, 6)
         with ran("linear_relu"):
             assert torch.equal(other(x), layer(x))
+
+
+def test_accuracy_sweep_has_stock_bits():
+    # benchmarks/activation_accuracy.py: over [-10, 10] with a 1 x 1 identity weight the layer's
+    # output is its activation of x; in this phase that is stock's op, so every output has
+    # stock's bits, inf and NaN included (the sweep an in-kernel activation will be held to).
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "activation_accuracy.py"
+    spec = importlib.util.spec_from_file_location("activation_accuracy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = dynnet_ext.kernel_calls()["cpu"]["linear_relu"]
+    rows = [r for r in script.sweep("cpu", 20001) if r["impl"] == "fused"]
+    assert dynnet_ext.kernel_calls()["cpu"]["linear_relu"] > before
+    assert [r["activation"] for r in rows] == NEW
+    for r in rows:
+        assert r["differs_from_stock"] == 0 and r["specials_as_stock"] is True, r

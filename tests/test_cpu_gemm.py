@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
 from dynnet_ext import reference
+from dynnet_ext.functional import fused_linear_act
+from dynnet_ext.ops.activations import stock_activation
 
 OPS = torch.ops.dynnet
 pytestmark = pytest.mark.skipif(not CPU_GEMM_ISAS, reason="dynnet_ext._C not built")
@@ -124,6 +126,8 @@ def test_aten_forward_is_stock_linear_bit_for_bit(shape, dtype):
     for bias in (b, None):
         assert torch.equal(OPS.linear_relu(x, w, bias, "none"), F.linear(x, w, bias))
         assert torch.equal(OPS.linear_relu(x, w, bias, "relu"), F.relu(F.linear(x, w, bias)))
+        for act in ("gelu", "gelu_tanh", "silu"):  # stock's activation op after it: stock's bits too
+            assert torch.equal(fused_linear_act(x, w, bias, act), stock_activation(F.linear(x, w, bias), act))
 
 
 @pytest.mark.parametrize("shape", [(1024, 300, 200), (5, 300, 700), (64, 1000, 100), (12, 100, 400)])
