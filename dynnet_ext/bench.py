@@ -48,8 +48,8 @@ IMPLS = ("fused", "fused-layer", "stock", "compile", "compile-reduce-overhead", 
 DEFAULT_IMPLS = {"cpu": ("fused", "fused-layer", "stock", "compile", "fused-all", "stock-gemms"), "cuda": IMPLS}
 # Implementations that exist for one subject kind only: a layer's forward (addmm-activation), a
 # network's per-layer fusion (fused-layer; in the layer subject it would be `fused` again), the
-# MLP with every Linear fused (fused-all: fuse(linear=True); the seed's models have no other) and
-# the MLP's GEMMs alone (stock-gemms: the floor of any implementation on ATen's GEMMs).
+# MLP with every Linear fused (fused-all: fuse(linear=True); the fused seed models already have
+# every layer fused) and the MLP's GEMMs alone, run as stock runs them (stock-gemms).
 LAYER_ONLY, NET_ONLY, MLP_ONLY = ("addmm-activation",), ("fused-layer",), ("fused-all", "stock-gemms")
 # Per-sample gradients: the fused models, stock, and torch.compile of stock's vmap(grad) function
 # (the CUDA-graph compile modes are left out: the function returns a fresh dict of gradients).
@@ -414,7 +414,8 @@ class MlpCase(LayerCase):
     implementation, identical weights: stock; fused = dynnet_ext.fuse() of the stock module (the
     first Linear and the activation one fused layer, the second Linear stock's); fused-all =
     fuse(linear=True) (the second Linear a FusedLinear too); compile modes of the stock module;
-    stock-gemms = no model, the GEMMs stock's autograd runs and nothing else (_mlp_gemms). Timed as the layer's phases are (x requires grad: inside a network)."""
+    stock-gemms = no model, the GEMMs stock's autograd runs and nothing else (_mlp_gemms). Timed
+    as the layer's phases are (x requires grad: inside a network)."""
 
     def __init__(self, shape, impls, device, dtype="float32", activation="gelu"):
         from .fuse import fuse
@@ -454,7 +455,8 @@ def _mlp_gemms(base, tokens, dtype):
     and nothing else: torch.mm in the compute dtype on operands made beforehand (forward: x W1^T,
     h W2^T; backward: grad_x and grad_weight of each layer). What is left of stock's time without
     its bias adds, activation, activation backward, bias sums and autocast casts: stock's time over
-    this is the most that fusing that elementwise work can gain on ATen's GEMMs."""
+    this is the most that fusing that elementwise work can gain with ATen's GEMMs run as stock
+    runs them (one after the other, each on all threads)."""
     w1, w2 = (lin.weight.detach().to(getattr(torch, dtype)) for lin in (base[0], base[2]))
     hidden, d_model = w1.shape
 
