@@ -9,7 +9,9 @@ model's are) go to one JSON file that scripts/apply_cuda_thresholds.py reads:
     python scripts/apply_cuda_thresholds.py DIR/thresholds.json # measured defaults in the source
 
 thresholds.json: {"source", "table" (the entries measured; a precision not measured is null and
-keeps its default), "rows" (every timing: kind, shape, precision, path, phase, microseconds)}.
+keeps its default), "rows" (every timing: kind, shape, precision, path, phase, microseconds),
+"probes" (numerics of vendor epilogues the paths do not use yet: cuBLASLt's GELU against stock's
+exact and tanh GELU, lt_gelu_agreement; empty in a dry run)}.
 A timing is the mean per call of a stream of back-to-back calls (CUDA events around the stream,
 median of 5 streams after warm-up): host and GPU overlap as in training, so a host-bound call is
 measured as such. The budget stops the sweep early (largest shapes last); what was measured is
@@ -190,6 +192,45 @@ def lt_relu_keeps_nan():
     return keeps
 
 
+def lt_gelu_agreement(device="cuda"):
+    """How cuBLASLt's GELU_BIAS epilogue (ATen's _addmm_activation(use_gelu=True) on CUDA: GELU in
+    the GEMM's store) compares with stock's addmm + F.gelu, exact and tanh-approximated, per swept
+    dtype - what a vendor forward would have to match before it could use the epilogue for
+    'gelu' or 'gelu_tanh' (until a GPU has shown that, the fused layers keep torch's activation
+    after the GEMM). The pre-activations are a sweep of [-10, 10] and NaN, +-inf, made exact by
+    the product (x times 1 plus 0 times 0, bias 0). Returns {dtype: {"gelu" | "gelu_tanh":
+    {"max_ulp": largest difference in units of the dtype's spacing at stock's value, "max_abs":
+    largest absolute difference, "nan_inf_as_stock": whether NaN and +-inf land where stock's
+    do}}}. device="cpu" rehearses the code: ATen's CPU _addmm_activation is addmm then the exact
+    gelu, so its "gelu" entries are 0."""
+    import torch.nn.functional as F
+
+    report = {}
+    for name in ("float32", "bfloat16", "float16"):
+        dtype = DTYPES[name]
+        x = torch.cat([torch.linspace(-10, 10, 20001), torch.tensor([float("nan"), float("inf"), float("-inf")])])
+        a = torch.stack([x, torch.zeros_like(x)], 1).to(device=device, dtype=dtype)
+        b = torch.zeros(2, 8, device=device, dtype=dtype)
+        b[0] = 1
+        bias = torch.zeros(8, device=device, dtype=dtype)
+        got = torch._addmm_activation(bias, a, b, use_gelu=True).double()
+        z = torch.addmm(bias, a, b)
+        tiny, eps = torch.finfo(dtype).tiny, torch.finfo(dtype).eps
+        report[name] = {}
+        for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+            want = F.gelu(z, approximate=approximate).double()
+            finite = want.isfinite() & got.isfinite()
+            diff = (got - want).abs()[finite]
+            spacing = torch.exp2(torch.floor(torch.log2(want.abs()[finite].clamp_min(tiny)))) * eps
+            infinite = want.isinf() | got.isinf()
+            report[name][act] = {
+                "max_ulp": float((diff / spacing).max()),
+                "max_abs": float(diff.max()),
+                "nan_inf_as_stock": bool(torch.equal(got.isnan(), want.isnan()) and torch.equal(got[infinite], want[infinite])),
+            }
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for thresholds.json")
@@ -215,14 +256,18 @@ def main(argv=None):
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, commit {os.environ.get('GPU_CHECK_COMMIT', '?')}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "thresholds.json")
+    # Numerics of vendor epilogues the paths do not use yet, for the record (not a table entry).
+    probes = {} if args.dry_run else {"lt_gelu": lt_gelu_agreement()}
     with open(path, "w") as f:
-        json.dump({"source": source, "table": table, "rows": sweep.rows,
+        json.dump({"source": source, "table": table, "rows": sweep.rows, "probes": probes,
                    "skipped_shapes": sweep.skipped, "seconds": round(time.time() - start, 1)}, f, indent=1)
         f.write("\n")
     print(f"cuda_sweep: {len(sweep.rows)} timings, {sweep.skipped} shapes left out by the budget, "
           f"{time.time() - start:.0f} s; wrote {path}")
     for key in ("layer_forward_custom_max_flops", "layer_backward_custom_max_flops", "net_one_launch_max_flops"):
         print(f"  {key:34s} " + "  ".join(f"{p} {v if v is None else f'{v:.2g}'}" for p, v in table[key].items()))
+    for name, agreement in probes.items():
+        print(f"  probe {name}: {json.dumps(agreement)}")
     return 0
 
 

@@ -171,3 +171,17 @@ def test_sanitizer_probe_rehearses_on_the_cpu():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every CPU result matches the reference" in proc.stdout
+
+
+def test_lt_gelu_probe_rehearsed_on_cpu():
+    # scripts/cuda_sweep.py's probe of cuBLASLt's GELU epilogue, run on ATen's CPU
+    # _addmm_activation (addmm, then the exact gelu): it must report 0 against stock's exact GELU
+    # and tell the tanh approximation apart, NaN and inf where stock has them, in every dtype.
+    spec = importlib.util.spec_from_file_location("cuda_sweep", os.path.join(ROOT, "scripts", "cuda_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    report = sweep.lt_gelu_agreement(device="cpu")
+    assert set(report) == {"float32", "bfloat16", "float16"}
+    for dtype, forms in report.items():
+        assert forms["gelu"] == {"max_ulp": 0.0, "max_abs": 0.0, "nan_inf_as_stock": True}, dtype
+        assert forms["gelu_tanh"]["max_abs"] > 0 and forms["gelu_tanh"]["nan_inf_as_stock"], dtype
