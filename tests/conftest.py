@@ -59,6 +59,9 @@ def _seed():
 # "aten" (ATen's BLAS, the path float64 always takes). Op tests run on each of them in-process.
 _C = dynnet_ext.ops._C
 CPU_GEMM_ISAS = list(_C.cpu_gemm_isas()) if _C is not None else []
+# Whether ATen's bfloat16 GEMM has AMX tiles here: then bfloat16 ops from 2^20 multiply-adds
+# take ATen's path unless a form is forced (csrc/cpu/gemm.cpp, kAmxBfloat16AtenMacs).
+AMX_BF16 = bool(torch._C._cpu._get_cpu_capability().get("amx_bf16")) and torch._C._cpu._init_amx()
 
 
 def set_cpu_gemm(isa):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
+from conftest import AMX_BF16, CPU_GEMM_ISAS, set_cpu_gemm, tol
 from dynnet_ext import reference
 from dynnet_ext.functional import fused_linear_act
 from dynnet_ext.ops.activations import stock_activation
@@ -175,11 +175,14 @@ HALF_BACKWARD_SHAPES = [(5, 40, 30), (13, 64, 65), (200, 130, 3001), (64, 1000, 
 def test_half_backward_against_float32_stock(shape, dtype, cpu_gemm_isa):
     # The backward in a half type on 1 and 2 threads: the same bits on both, and within the
     # dtype's rounding of float32 stock computed from the same half-type inputs (fp32
-    # accumulation, one rounding of each output). On ATen's path y, grad_x and grad_W are ATen's
-    # GEMMs: stock's bits on each thread count, which ATen itself does not keep across thread
-    # counts everywhere (its bfloat16 grad_x GEMM, K = 3001, differs on 1 and 2 threads on an
-    # AVX-512 + AMX Xeon).
+    # accumulation, one rounding of each output). On ATen's path (asked for, or the op's rule:
+    # bfloat16 on AMX) y, grad_x and grad_W are ATen's GEMMs: stock's bits on each thread count,
+    # which ATen itself does not keep across thread counts everywhere (its bfloat16 grad_x GEMM,
+    # K = 3001, differs on 1 and 2 threads on an AVX-512 + AMX Xeon).
+    from dynnet_ext import _C
+
     m, k, n = shape
+    aten = _C.cpu_gemm_form_for(m, n, k, str(dtype).removeprefix("torch.")) == "aten"
     gen = torch.Generator().manual_seed(m + k + n)
     x = torch.randn(m, k, generator=gen).to(dtype)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
@@ -192,14 +195,14 @@ def test_half_backward_against_float32_stock(shape, dtype, cpu_gemm_isa):
             torch.set_num_threads(t)
             y = OPS.linear_relu(x, w, b, "relu")
             results.append([y, *OPS.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])])
-            if cpu_gemm_isa == "aten":
+            if aten:
                 g = gy.masked_fill(y <= 0, 0)
                 stock = (torch.relu(torch.nn.functional.linear(x, w, b)), g.mm(w), g.t().mm(x))
                 assert all(torch.equal(ours, theirs) for ours, theirs in zip(results[-1], stock)), t
     finally:
         torch.set_num_threads(threads)
     for i, (one, two) in enumerate(zip(*results)):
-        if cpu_gemm_isa != "aten" or i == 3:  # the engine's GEMMs; grad_b is ours on either path
+        if not aten or i == 3:  # the engine's GEMMs; grad_b is ours on either path
             assert torch.equal(one, two), i
     y, gx, gw, gb = results[0]
     xr, wr, br = (t.float().requires_grad_() for t in (x, w, b))
@@ -273,15 +276,18 @@ def test_form_rule(isa):
     assert form_for(1024, 1000, 100) == ("aten" if isa == "avx2" else direct)  # short K: one K-block at any M
     # Many rows reuse a long B: packed - AVX2's float32 from 2^25 multiply-adds on: ATen's BLAS.
     assert form_for(1024, 1024, 1024) == ("aten" if isa == "avx2" else "packed")
-    assert form_for(1024, 1024, 1024, "bfloat16") == "packed"
+    # bfloat16 where ATen's GEMM has AMX tiles: ATen's from 2^20 multiply-adds on.
+    big_bf16 = "aten" if AMX_BF16 else "packed"
+    assert form_for(1024, 1024, 1024, "bfloat16") == big_bf16 and form_for(1024, 1024, 1024, "float16") == "packed"
+    assert form_for(64, 100, 100, "bfloat16") == "packed" and form_for(16, 1000, 100, "bfloat16") == big_bf16
     # Just below 2^25 multiply-adds: the engine's forms, on AVX2 too.
     assert form_for(256, 1024, 127) == direct and form_for(254, 1024, 128, "float32", False) == "packed"
     assert form_for(64, 100, 1000, "float32", False) == "dot"  # the seed's input layer forward
     assert form_for(64, 100, 100, "float32", False) == "packed"  # its hidden layer forward
-    assert form_for(64, 1000, 100, "bfloat16") == form_for(64, 1000, 100, "float16") == "packed"
+    assert form_for(64, 1000, 100, "bfloat16") == big_bf16 and form_for(64, 1000, 100, "float16") == "packed"
     assert form_for(64, 1000, 100, "float64") == "aten"
-    _C.set_cpu_gemm_form("packed")
-    assert {form_for(64, 1000, 100), form_for(64, 100, 1000, "float32", False)} == {"packed"}
+    _C.set_cpu_gemm_form("packed")  # a forced form: the engine, whatever the size
+    assert {form_for(64, 1000, 100), form_for(64, 100, 1000, "float32", False), form_for(1024, 1024, 1024, "bfloat16")} == {"packed"}
     _C.set_cpu_gemm_form("direct")  # every B with contiguous rows; the forward by the rule
     assert form_for(1024, 1024, 1024) == direct and form_for(64, 100, 1000, "float32", False) == "dot"
     _C.set_cpu_gemm_form("dot")  # every forward; the backward by the rule

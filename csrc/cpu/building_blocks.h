@@ -41,30 +41,11 @@ void parallel_tasks(int64_t tasks, const F& fn) {
   });
 }
 
-// y = relu(y) in place, y: (rows, cols) contiguous (keeps NaN, as torch.relu).
-template <typename scalar_t>
-void relu_rows(scalar_t* __restrict__ y, int64_t rows, int64_t cols) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    const acc_t v = static_cast<acc_t>(y[i]);
-    y[i] = v < acc_t(0) ? scalar_t(0) : y[i];
-  }
-}
-
-// g = (y <= 0 ? 0 : g) in place over n contiguous elements: ReLU's backward mask from its output.
-template <typename scalar_t>
-void relu_mask(scalar_t* __restrict__ g, const scalar_t* __restrict__ y, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t v = g[j];  // loaded unconditionally: a load inside the select would stop vectorisation
-    g[j] = y[j] <= scalar_t(0) ? scalar_t(0) : v;
-  }
-}
-
-// dst = (y <= 0 ? 0 : g) over n contiguous elements, the same mask into another buffer.
+// dst = (y <= 0 ? 0 : g) over n contiguous elements: ReLU's backward mask from its output.
 template <typename scalar_t>
 void relu_mask(scalar_t* __restrict__ dst, const scalar_t* __restrict__ g, const scalar_t* __restrict__ y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t v = g[j];  // loaded unconditionally, as above
+    const scalar_t v = g[j];  // loaded unconditionally: a load inside the select would stop vectorisation
     dst[j] = y[j] <= scalar_t(0) ? scalar_t(0) : v;
   }
 }

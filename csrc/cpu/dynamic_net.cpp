@@ -28,9 +28,9 @@
 // by their rows (hidden units, output units) with the bias sums of the same units. Nothing is
 // summed across threads and K is never split: the same bits for any thread count.
 //
-// With ATen (float64, DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-
-// threaded BLAS GEMMs (the BLAS runs serially inside a parallel region) plus separate mask and
-// bias passes; the input layer's GEMM is left to the BLAS's own threading, which splits it better
+// With ATen (float64, the large products gemm::kernels_for gives to ATen, DYNNET_EXT_CPU_GEMM=aten):
+// the same splits, each thread running single-threaded BLAS GEMMs (the BLAS runs serially inside
+// a parallel region) plus separate mask (stock's threshold_backward) and bias passes; the input layer's GEMM is left to the BLAS's own threading, which splits it better
 // than rows do; ATen splits small GEMMs across threads badly on its own
 // (benchmarks/results/README.md, thresholds: net-input-layer-blas-threads).
 //
@@ -331,14 +331,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t tasks = std::min(num_tasks(flops), M);
       parallel_tasks(tasks, [&](int64_t t) {
         const auto [r0, r1] = share(M, t, tasks);
-        const int64_t n = r1 - r0;
         at::Tensor g = rows_of(G, depth * M + r0, depth * M + r1);
         at::cpu::mm_out(g, rows_of(go, r0, r1), w_out);
-        relu_mask(g.data_ptr<scalar_t>(), acts.const_data_ptr<scalar_t>() + (depth * M + r0) * H, n * H);
+        // ReLU's mask as stock's threshold_backward, in place (vectorised in every dtype).
+        at::cpu::threshold_backward_out(g, g, rows_of(acts, depth * M + r0, depth * M + r1), 0);
         for (int64_t k = depth; k >= 1; --k) {
           at::Tensor below = rows_of(G, (k - 1) * M + r0, (k - 1) * M + r1);
           at::cpu::mm_out(below, g, *w_h);
-          relu_mask(below.data_ptr<scalar_t>(), acts.const_data_ptr<scalar_t>() + ((k - 1) * M + r0) * H, n * H);
+          at::cpu::threshold_backward_out(below, below, rows_of(acts, (k - 1) * M + r0, (k - 1) * M + r1), 0);
           g = below;
         }
         if (need[kX]) {

@@ -40,6 +40,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -185,12 +186,30 @@ const Kernels* kernels_for(at::ScalarType dtype) {
 // store; the two meet near 2^25 multiply-adds (benchmarks/results/README.md, thresholds:
 // avx2-float32-aten). bfloat16 and float16 stay: ATen has no fast path for them there.
 constexpr double kAvx2Float32AtenMacs = double(int64_t(1) << 25);
+// On a CPU with AMX-BF16 tiles (Xeon Sapphire Rapids and later), ATen's bfloat16 GEMM runs on
+// them (oneDNN) and the engine's vdpbf16ps kernels cannot keep up: on a 2-core Xeon a layer's
+// forward and backward took 1.15x ATen's time at 16 x 1000 x 100 (1.6M multiply-adds), 1.75x at
+// the seed's 64 x 1000 x 100 and 2.5-4.5x from 2^24 on, while below 2^20 (64 x 100 x 100, one
+// row) the engine is ahead (thresholds: amx-bfloat16-aten).
+constexpr double kAmxBfloat16AtenMacs = double(int64_t(1) << 20);
+
+// Whether ATen's bfloat16 GEMM has AMX tiles: the CPU has AMX-BF16 and the OS grants the tile
+// state (init_amx asks for it, as oneDNN does).
+bool aten_has_amx_bf16() {
+  static const bool yes = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool() && at::cpu::init_amx();
+  }();
+  return yes;
+}
 
 const Kernels* kernels_for(at::ScalarType dtype, double macs) {
   const Kernels* k = kernels_for(dtype);
-  const bool to_aten = k != nullptr && k == avx2_kernels() && dtype == at::kFloat && macs >= kAvx2Float32AtenMacs &&
-                       form_override().load(std::memory_order_relaxed) == kFormAuto;
-  return to_aten ? nullptr : k;
+  if (k == nullptr || form_override().load(std::memory_order_relaxed) != kFormAuto) return k;
+  const bool avx2_float32 = k == avx2_kernels() && dtype == at::kFloat && macs >= kAvx2Float32AtenMacs;
+  const bool amx_bfloat16 = dtype == at::kBFloat16 && macs >= kAmxBfloat16AtenMacs && aten_has_amx_bf16();
+  return avx2_float32 || amx_bfloat16 ? nullptr : k;
 }
 
 std::string kernels_name(const std::string& dtype) {

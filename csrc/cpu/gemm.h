@@ -22,7 +22,8 @@ namespace gemm {
 const Kernels* kernels_for(at::ScalarType dtype);
 // The kernels for an op whose largest product has `macs` multiply-adds: kernels_for, or nullptr
 // (ATen) where ATen's BLAS is the faster - AVX2's float32 kernels from kAvx2Float32AtenMacs up,
-// unless a form is forced (gemm.cpp, above kAvx2Float32AtenMacs, says why).
+// bfloat16 on a CPU with AMX-BF16 from kAmxBfloat16AtenMacs up - unless a form is forced
+// (gemm.cpp, above those constants, says why).
 const Kernels* kernels_for(at::ScalarType dtype, double macs);
 // The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
 std::string isa();

@@ -7,8 +7,9 @@
 // where it lies by the dot form), x read where it lies, bias + ReLU + rounding to the
 // dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
 // the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
-// float64, float32 on AVX2 at large products, or DYNNET_EXT_CPU_GEMM=aten: ATen's addmm (MKL)
-// into y, the bias inside it as stock's F.linear has it, then ReLU in one in-place pass.
+// float64, float32 on AVX2 and bfloat16 on AMX at large products (gemm::kernels_for), or
+// DYNNET_EXT_CPU_GEMM=aten: ATen's addmm into y, the bias inside it as stock's F.linear has it,
+// then stock's ReLU in place.
 //
 // Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'):
 //   grad_bias = column sums of g, one pass (accumulated in acc_type: double for float, float
@@ -35,8 +36,6 @@ namespace dynnet {
 namespace {
 
 constexpr int64_t kGrainElements = 32768;  // elements per parallel task: below this, threads cost more than they save
-
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
 
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
@@ -229,18 +228,15 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
   // stock's F.linear does - so y is stock's, bit for bit (half types: rounded once from the fp32
   // accumulator; float32: one pass over y fewer than adding it afterwards, 2-3% of a
   // transformer-width layer, benchmarks/results/README.md, thresholds: avx2-float32-aten). With no
-  // input features (K == 0) addmm returns the bias itself, as stock does. ReLU is one in-place
-  // pass after.
+  // input features (K == 0) addmm returns the bias itself, as stock does. ReLU is stock's own
+  // after it, in place: clamp_min(y, 0), which torch.relu is (vectorised in every dtype; a
+  // scalar loop over bfloat16 took longer than the AMX GEMM before it).
   if (bias.has_value()) {
     at::cpu::addmm_out(y2, *bias, x2, weight.t());
   } else {
     at::cpu::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
   }
-  if (act != Activation::Relu) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "linear_act_2d", [&] {
-    scalar_t* yp = y2.data_ptr<scalar_t>();
-    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) { relu_rows(yp + begin * N, end - begin, N); });
-  });
+  if (act == Activation::Relu) at::cpu::clamp_min_(y2, 0);
 }
 
 TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
