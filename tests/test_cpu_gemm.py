@@ -274,8 +274,11 @@ def test_form_rule(isa):
     assert form_for(64, 1000, 100) == direct  # the seed's grad_x = g @ W
     assert form_for(100, 1000, 64) == direct  # its grad_W = g.T @ x
     assert form_for(1024, 1000, 100) == ("aten" if isa == "avx2" else direct)  # short K: one K-block at any M
-    # Many rows reuse a long B: packed - AVX2's float32 from 2^25 multiply-adds on: ATen's BLAS.
-    assert form_for(1024, 1024, 1024) == ("aten" if isa == "avx2" else "packed")
+    # Many rows reuse a long B: packed - float32 from 2^25 multiply-adds on AVX2, 2^27 on AVX-512:
+    # ATen's BLAS.
+    assert form_for(1024, 384, 300) == ("aten" if isa == "avx2" else "packed")
+    assert form_for(1024, 1024, 127) == ("aten" if isa == "avx2" else direct)  # just below 2^27
+    assert form_for(1024, 1024, 128) == form_for(1024, 1024, 1024) == "aten"
     # bfloat16 where ATen's GEMM has AMX tiles: ATen's from 2^20 multiply-adds on.
     big_bf16 = "aten" if AMX_BF16 else "packed"
     assert form_for(1024, 1024, 1024, "bfloat16") == big_bf16 and form_for(1024, 1024, 1024, "float16") == "packed"

@@ -7,7 +7,7 @@
 // where it lies by the dot form), x read where it lies, bias + ReLU + rounding to the
 // dtype in the micro-kernel's store - no second pass over y, and half types rounded once from
 // the fp32 accumulator. The work is split over rows (or column panels) of y across threads.
-// float64, float32 on AVX2 and bfloat16 on AMX at large products (gemm::kernels_for), or
+// float64, float32 and (on AMX CPUs) bfloat16 at large products (gemm::kernels_for), or
 // DYNNET_EXT_CPU_GEMM=aten: ATen's addmm into y, the bias inside it as stock's F.linear has it,
 // then stock's ReLU in place.
 //
