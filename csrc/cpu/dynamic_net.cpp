@@ -28,11 +28,12 @@
 // by their rows (hidden units, output units) with the bias sums of the same units. Nothing is
 // summed across threads and K is never split: the same bits for any thread count.
 //
-// With ATen (float64, the large products gemm::kernels_for gives to ATen, DYNNET_EXT_CPU_GEMM=aten):
-// the same splits, each thread running single-threaded BLAS GEMMs (the BLAS runs serially inside
-// a parallel region) plus separate mask (stock's threshold_backward) and bias passes; the input layer's GEMM is left to the BLAS's own threading, which splits it better
-// than rows do; ATen splits small GEMMs across threads badly on its own
-// (benchmarks/results/README.md, thresholds: net-input-layer-blas-threads).
+// With ATen (float64, the large products gemm::kernels_for gives to ATen, or
+// DYNNET_EXT_CPU_GEMM=aten): the same splits, each thread running single-threaded BLAS GEMMs
+// (the BLAS runs serially inside a parallel region) plus separate mask (stock's
+// threshold_backward) and bias passes; the input layer's GEMM is left to the BLAS's own
+// threading, which splits it better than rows do; ATen splits small GEMMs across threads badly
+// on its own (benchmarks/results/README.md, thresholds: net-input-layer-blas-threads).
 //
 // Why this is faster than per-layer ops (stock or fused) at small sizes: a handful of parallel
 // regions instead of ~10 ops and autograd nodes a layer, and threads used where they pay. Work
