@@ -87,6 +87,16 @@ bool has_avx512_bf16() {
 #endif
 }
 
+bool intel_cpu() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  static const bool yes = __builtin_cpu_is("intel");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 Isa best_isa() { return cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kAten; }
 
 Isa parse_isa(const std::string& name) {
@@ -186,12 +196,13 @@ const Kernels* kernels_for(at::ScalarType dtype) {
 // store; the two meet near 2^25 multiply-adds (benchmarks/results/README.md, thresholds:
 // avx2-float32-aten). bfloat16 and float16 stay: ATen has no fast path for them there.
 constexpr double kAvx2Float32AtenMacs = double(int64_t(1) << 25);
-// AVX-512's float32 kernels, likewise from 2^27: on a 2-core Intel Xeon MKL ran 1024^3 at 423
-// GFLOP/s against the engine's 383, and a layer's forward + backward ran at 0.85-0.88x of
-// stock's speed at 512 x 768 <-> 3072 (1.03x at 1024 x 1000 x 100, 2^26.6); on the Zen 4 the
-// two were at parity (194 and 195 GFLOP/s), so there the rule gives up the fusion's few percent
-// at those sizes (thresholds: avx512-float32-aten).
+// AVX-512's float32 kernels, likewise from 2^27, and from 2^26 on an Intel CPU: on a 2-core
+// Intel Xeon MKL ran 1024^3 at 423 GFLOP/s against the engine's 383, and from 2^26 a layer's
+// forward + backward was a few percent slower on the engine than on ATen's path; on the Zen 4
+// the two GEMMs were at parity (194 and 195 GFLOP/s), so there the rule gives up the fusion's
+// few percent from 2^27 only (thresholds: avx512-float32-aten).
 constexpr double kAvx512Float32AtenMacs = double(int64_t(1) << 27);
+constexpr double kIntelAvx512Float32AtenMacs = double(int64_t(1) << 26);
 // On a CPU with AMX-BF16 tiles (Xeon Sapphire Rapids and later), ATen's bfloat16 GEMM runs on
 // them (oneDNN) and the engine's vdpbf16ps kernels cannot keep up: on a 2-core Xeon a layer's
 // forward and backward took 1.15x ATen's time at 16 x 1000 x 100 (1.6M multiply-adds), 1.75x at
@@ -213,8 +224,10 @@ bool aten_has_amx_bf16() {
 const Kernels* kernels_for(at::ScalarType dtype, double macs) {
   const Kernels* k = kernels_for(dtype);
   if (k == nullptr || form_override().load(std::memory_order_relaxed) != kFormAuto) return k;
-  const bool big_float32 =
-      dtype == at::kFloat && macs >= (k == avx2_kernels() ? kAvx2Float32AtenMacs : kAvx512Float32AtenMacs);
+  const double float32_aten_macs = k == avx2_kernels() ? kAvx2Float32AtenMacs
+                                   : intel_cpu()        ? kIntelAvx512Float32AtenMacs
+                                                        : kAvx512Float32AtenMacs;
+  const bool big_float32 = dtype == at::kFloat && macs >= float32_aten_macs;
   const bool amx_bfloat16 = dtype == at::kBFloat16 && macs >= kAmxBfloat16AtenMacs && aten_has_amx_bf16();
   return big_float32 || amx_bfloat16 ? nullptr : k;
 }
