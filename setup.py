@@ -146,7 +146,7 @@ def sources(build_cuda):
     """The extension's translation units. csrc/cuda/harness/ (the CPU harness of the CUDA kernels)
     is the tests' and never part of the extension; the CUDA kernels and launchers themselves are
     headers, each with one .cu that nvcc compiles."""
-    cpu = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/autocast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     return cpu + (sorted(glob.glob("csrc/cuda/*.cu")) if build_cuda else [])
 
 

@@ -24,18 +24,16 @@ from .ops.dynamic_net import stock_dynamic_net
 from .ops.linear_relu import stock_linear_act
 
 
-def _autocast_dtype(device_type):
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast(x, *tensors):
-    """Under autocast, behave as nn.Linear does: compute in the autocast dtype."""
-    cast = _autocast_dtype(x.device.type) if x.is_floating_point() else None
-    if cast is None:
-        return (x, *tensors)
-    return tuple(t.to(cast) if t is not None else None for t in (x, *tensors))
+def _autocast(*tensors):
+    """The arguments as torch.autocast casts nn.Linear's: a floating tensor of the autocast
+    device other than float64 to the autocast dtype, the rest unchanged. For the torch.func path
+    only: the ops themselves cast under autocast (csrc/autocast.cpp), stock's ops likewise."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    cast = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 and t.device.type == device_type else t for t in tensors)
 
 
 def _eligible(x):
@@ -58,10 +56,9 @@ def _transformed(function, *args):
 def _linear(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
-    x, weight, bias = _autocast(x, weight, bias)
     if _eligible(x):
         if transforms_active():
-            return _transformed(LinearReLUJvpFunction, x, weight, bias, activation)
+            return _transformed(LinearReLUJvpFunction, *_autocast(x, weight, bias), activation)
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
         return _C.linear_relu(x, weight, bias, activation)  # same op, ~2 us less per call
@@ -105,11 +102,10 @@ def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-    x, w_in, b_in, w_h, b_h, w_out, b_out = _autocast(x, w_in, b_in, w_h, b_h, w_out, b_out)
     if _eligible(x):
         args = (x, w_in, b_in, w_h, b_h, w_out, b_out)
         if transforms_active():
-            return _transformed(DynamicNetFunction, *args, depth)[0]
+            return _transformed(DynamicNetFunction, *_autocast(*args), depth)[0]
         if torch.compiler.is_compiling() or has_torch_function(args):
             return torch.ops.dynnet.dynamic_net(*args, depth)[0]
         return _C.dynamic_net(*args, depth)[0]

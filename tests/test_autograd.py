@@ -163,6 +163,24 @@ def test_autocast_behaves_like_nn_linear(device_type, dtype, ran):
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
+def test_autocast_leaves_float64_alone_as_nn_linear(ran):
+    # torch.autocast casts nn.Linear's float32 arguments, never float64 ones (cached_cast's rule;
+    # csrc/autocast.cpp): a float64 fused layer computes in float64 under autocast as stock's does.
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    layer = dynnet_ext.nn.FusedLinearGELU(16, 4, dtype=torch.float64)
+    stock = torch.nn.Linear(16, 4, dtype=torch.float64)
+    stock.load_state_dict(layer.state_dict())
+    with ran("linear_relu", "linear_relu_backward"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.gelu(stock(x))
+    assert y.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(y, ref, **tol(torch.float64))
+    assert layer.weight.grad.dtype == torch.float64
+
+
 def test_non_tensor_input_raises():
     with pytest.raises(TypeError, match="x and weight must be tensors"):
         fused_linear_relu([[1.0]], torch.ones(1, 1))

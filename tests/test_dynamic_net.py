@@ -168,6 +168,43 @@ def test_network_fusion_under_autocast_and_no_grad(depth, ran):
     torch.testing.assert_close(out, stock(x, depth), **tol(torch.float32))
 
 
+def casts_of(out, param):
+    """How many cast nodes of the autograd graph behind `out` read `param`: under autocast, one
+    when the cast is cached for the region, one per use when it is not."""
+    seen, stack, casts = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and getattr(child, "variable", None) is param:
+                casts += node.name() == "ToCopyBackward0"
+            stack.append(child)
+    return casts
+
+
+@pytest.mark.parametrize("fusion", ["network", "layer"])
+def test_autocast_casts_as_stock(fusion, ran):
+    # Under autocast the fused model's parameters are cast as stock's are: each once per autocast
+    # region (the shared hidden layer too, used 3 times), float64 not at all.
+    torch.manual_seed(0)
+    stock = reference.DynamicNet(12, 8, 3)
+    fused = DynamicNet(12, 8, 3, fusion=fusion)
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(6, 12)
+    with ran("dynamic_net" if fusion == "network" else "linear_relu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_s = fused(x, 3), stock(x, 3)
+    assert out_f.dtype == out_s.dtype == torch.bfloat16
+    for (name, p_f), p_s in zip(fused.named_parameters(), stock.parameters()):
+        assert casts_of(out_f, p_f) == casts_of(out_s, p_s) == 1, name
+    fused, stock = fused.double(), stock.double()
+    with ran("dynamic_net" if fusion == "network" else "linear_relu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_s = fused(x.double(), 3), stock(x.double(), 3)
+    assert out_f.dtype == out_s.dtype == torch.float64
+    torch.testing.assert_close(out_f, out_s, **tol(torch.float64))
+
+
 def test_torch_compile_one_model_every_depth(ran):
     # One compiled model called at changing depths: dynamo recompiles (and may make the depth a
     # symbolic int after the first change); every call still matches stock.
