@@ -63,7 +63,7 @@ CPU_GEMM_ISAS = list(_C.cpu_gemm_isas()) if _C is not None else []
 # take ATen's path unless a form is forced (csrc/cpu/gemm.cpp, kAmxBfloat16AtenMacs).
 AMX_BF16 = bool(torch._C._cpu._get_cpu_capability().get("amx_bf16")) and torch._C._cpu._init_amx()
 # Whether this is an Intel CPU: there AVX-512's float32 kernels give way to ATen's BLAS from
-# 2^26 multiply-adds, elsewhere from 2^27 (csrc/cpu/gemm.cpp, kIntelAvx512Float32AtenMacs).
+# 9 x 2^23 multiply-adds, elsewhere from 2^27 (csrc/cpu/gemm.cpp, kIntelAvx512Float32AtenMacs).
 INTEL_CPU = any(line.split(":")[-1].strip() == "GenuineIntel"
                 for line in open("/proc/cpuinfo").read().splitlines() if line.startswith("vendor_id"))
 

@@ -273,13 +273,14 @@ def test_form_rule(isa):
     _C.set_cpu_gemm_form("auto")
     assert form_for(64, 1000, 100) == direct  # the seed's grad_x = g @ W
     assert form_for(100, 1000, 64) == direct  # its grad_W = g.T @ x
-    # float32 from 2^25 multiply-adds on AVX2, 2^26 on an Intel CPU's AVX-512 and 2^27 on other
-    # AVX-512 CPUs: ATen's BLAS.
+    # float32 from 2^25 multiply-adds on AVX2, 9 x 2^23 on an Intel CPU's AVX-512 and 2^27 on
+    # other AVX-512 CPUs: ATen's BLAS.
     below_2_27 = "aten" if isa == "avx2" or INTEL_CPU else None
     assert form_for(1024, 1000, 100) == (below_2_27 or direct)  # short K: one K-block at any M
     assert form_for(1024, 384, 300) == (below_2_27 or "packed")  # many rows reuse a long B: packed
     assert form_for(1024, 1024, 127) == (below_2_27 or direct)  # just below 2^27
-    assert form_for(512, 1024, 127) == ("aten" if isa == "avx2" else direct)  # just below 2^26
+    assert form_for(128, 384, 1536, "float32", False) == ("aten" if isa == "avx2" or INTEL_CPU else "packed")  # 9 x 2^23
+    assert form_for(64, 1024, 1024) == ("aten" if isa == "avx2" else direct)  # 2^26: below 9 x 2^23
     assert form_for(1024, 1024, 128) == form_for(1024, 1024, 1024) == "aten"
     # bfloat16 where ATen's GEMM has AMX tiles: ATen's from 2^20 multiply-adds on.
     big_bf16 = "aten" if AMX_BF16 else "packed"

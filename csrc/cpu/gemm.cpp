@@ -196,13 +196,14 @@ const Kernels* kernels_for(at::ScalarType dtype) {
 // store; the two meet near 2^25 multiply-adds (benchmarks/results/README.md, thresholds:
 // avx2-float32-aten). bfloat16 and float16 stay: ATen has no fast path for them there.
 constexpr double kAvx2Float32AtenMacs = double(int64_t(1) << 25);
-// AVX-512's float32 kernels, likewise from 2^27, and from 2^26 on an Intel CPU: on a 2-core
-// Intel Xeon MKL ran 1024^3 at 423 GFLOP/s against the engine's 383, and from 2^26 a layer's
-// forward + backward was a few percent slower on the engine than on ATen's path; on the Zen 4
-// the two GEMMs were at parity (194 and 195 GFLOP/s), so there the rule gives up the fusion's
-// few percent from 2^27 only (thresholds: avx512-float32-aten).
+// AVX-512's float32 kernels, likewise from 2^27, and on an Intel CPU from 9 x 2^23 (75.5M): on
+// a 2-core Intel Xeon MKL ran 1024^3 at 423 GFLOP/s against the engine's 383, and from there a
+// layer's forward + backward was a few percent slower on the engine than on ATen's path, while
+// at 64 x 1024 -> 1024 (2^26, just below) ATen's side-by-side backward lost more than the engine
+// did; on the Zen 4 the two GEMMs were at parity (194 and 195 GFLOP/s), so there the rule gives
+// up the fusion's few percent from 2^27 only (thresholds: avx512-float32-aten).
 constexpr double kAvx512Float32AtenMacs = double(int64_t(1) << 27);
-constexpr double kIntelAvx512Float32AtenMacs = double(int64_t(1) << 26);
+constexpr double kIntelAvx512Float32AtenMacs = double(int64_t(9) << 23);
 // On a CPU with AMX-BF16 tiles (Xeon Sapphire Rapids and later), ATen's bfloat16 GEMM runs on
 // them (oneDNN) and the engine's vdpbf16ps kernels cannot keep up: on a 2-core Xeon a layer's
 // forward and backward took 1.15x ATen's time at 16 x 1000 x 100 (1.6M multiply-adds), 1.75x at
