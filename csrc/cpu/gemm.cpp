@@ -89,8 +89,10 @@ bool has_avx512_bf16() {
 
 bool intel_cpu() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  static const bool yes = __builtin_cpu_is("intel");
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
   return yes;
 #else
   return false;
@@ -199,8 +201,7 @@ constexpr double kAvx2Float32AtenMacs = double(int64_t(1) << 25);
 // AVX-512's float32 kernels, likewise from 2^27, and on an Intel CPU from 9 x 2^23 (75.5M): on
 // a 2-core Intel Xeon MKL ran 1024^3 at 423 GFLOP/s against the engine's 383, and from there a
 // layer's forward + backward was a few percent slower on the engine than on ATen's path, while
-// at 64 x 1024 -> 1024 (2^26, just below) ATen's side-by-side backward lost more than the engine
-// did; on the Zen 4 the two GEMMs were at parity (194 and 195 GFLOP/s), so there the rule gives
+// at 64 x 1024 -> 1024 (2^26, just below) ATen's path lost more than the engine did; on the Zen 4 the two GEMMs were at parity (194 and 195 GFLOP/s), so there the rule gives
 // up the fusion's few percent from 2^27 only (thresholds: avx512-float32-aten).
 constexpr double kAvx512Float32AtenMacs = double(int64_t(1) << 27);
 constexpr double kIntelAvx512Float32AtenMacs = double(int64_t(9) << 23);

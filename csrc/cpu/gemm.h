@@ -22,7 +22,7 @@ namespace gemm {
 const Kernels* kernels_for(at::ScalarType dtype);
 // The kernels for an op whose largest product has `macs` multiply-adds: kernels_for, or nullptr
 // (ATen) where ATen's BLAS is the faster - float32 from kAvx2Float32AtenMacs (AVX2) or
-// kAvx512Float32AtenMacs (AVX-512) up, bfloat16 on a CPU with AMX-BF16 from kAmxBfloat16AtenMacs
+// kAvx512Float32AtenMacs (AVX-512; kIntelAvx512Float32AtenMacs on an Intel CPU) up, bfloat16 on a CPU with AMX-BF16 from kAmxBfloat16AtenMacs
 // up - unless a form is forced (gemm.cpp, above those constants, says why).
 const Kernels* kernels_for(at::ScalarType dtype, double macs);
 // The active choice ("avx512", "avx2" or "aten") and the ones this CPU and build can run.
