@@ -27,6 +27,13 @@ struct Autocast {
     return call_linear_relu(cast(x), cast(weight), cast(bias), activation);
   }
 
+  static std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       c10::string_view activation) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(D));
+    return call_linear_act(cast(x), cast(weight), cast(bias), activation);
+  }
+
   static DynamicNetOutputs dynamic_net(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                                        const std::optional<at::Tensor>& w_h, const std::optional<at::Tensor>& b_h,
                                        const at::Tensor& w_out, const at::Tensor& b_out, int64_t depth) {
@@ -41,11 +48,13 @@ struct Autocast {
 TORCH_LIBRARY_IMPL(dynnet, AutocastCPU, m) {
   using A = dynnet::Autocast<c10::DeviceType::CPU>;
   m.impl("linear_relu", &A::linear_relu);
+  m.impl("linear_act", &A::linear_act);
   m.impl("dynamic_net", &A::dynamic_net);
 }
 
 TORCH_LIBRARY_IMPL(dynnet, AutocastCUDA, m) {
   using A = dynnet::Autocast<c10::DeviceType::CUDA>;
   m.impl("linear_relu", &A::linear_relu);
+  m.impl("linear_act", &A::linear_act);
   m.impl("dynamic_net", &A::dynamic_net);
 }

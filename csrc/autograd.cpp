@@ -5,8 +5,10 @@
 // layer's arithmetic (benchmarks/results/README.md, thresholds: python-function-call), so the
 // modules call the op directly and land here.
 //
-// Saves x, weight and (for 'relu') y; the ReLU mask comes from y. Computes only the gradients
-// autograd needs. When the backward itself is being recorded (create_graph=True), the same
+// Saves x, weight and, for 'relu', y (the ReLU mask comes from y); for a smooth activation
+// ('gelu', 'gelu_tanh', 'silu') the forward runs linear_act, which returns the pre-activation z
+// beside y, and saves z in y's place (the memory stock's nn.Linear + activation keeps: x and W
+// for the linear, z for the activation). Computes only the gradients autograd needs. When the backward itself is being recorded (create_graph=True), the same
 // formula runs on stock differentiable ops, so double backward works.
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -29,18 +31,26 @@ class LinearReLU : public torch::autograd::Function<LinearReLU> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const bool relu = parse_activation(activation) == Activation::Relu;
-    at::Tensor y = call_linear_relu(x, weight, bias, activation);
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward({x, weight, relu ? y : at::Tensor()});
+    const Activation act = parse_activation(activation);
+    const bool has_bias = bias.has_value() && bias->defined();
+    at::Tensor y, saved;  // saved: y for 'relu', z for a smooth activation
+    if (is_smooth(act)) {
+      std::tie(y, saved) = call_linear_act(x, weight, bias, activation);
+    } else {
+      y = call_linear_relu(x, weight, bias, activation);
+      if (act == Activation::Relu) saved = y;
+    }
+    ctx->saved_data["activation"] = static_cast<int64_t>(act);
+    ctx->saved_data["has_bias"] = has_bias;
+    // The bias only for a smooth activation's recorded backward, which recomputes z from it.
+    ctx->save_for_backward({x, weight, saved, is_smooth(act) && has_bias ? *bias : at::Tensor()});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &y = saved[2];
-    const bool relu = ctx->saved_data["relu"].toBool();
+    const auto act = static_cast<Activation>(ctx->saved_data["activation"].toInt());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // needs_input_grad counts tensor inputs only: x, weight, then bias if it was given.
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -48,20 +58,33 @@ class LinearReLU : public torch::autograd::Function<LinearReLU> {
     variable_list grads(4);  // one per forward argument; the activation gets none
     if (!(mask[0] || mask[1] || mask[2])) return grads;
     const at::Tensor& grad_y = grad_outputs[0];
-    std::optional<at::Tensor> y_opt = relu ? std::optional<at::Tensor>(y) : std::nullopt;
 
     at::Tensor gx, gw, gb;
     if (at::GradMode::is_enabled()) {
-      // Recorded backward (double backward): stock ops, threshold_backward's mask.
+      // Recorded backward (double backward): stock ops - threshold_backward's mask, or the smooth
+      // activation's backward op at z recomputed from x, weight and bias, so that the second
+      // derivatives through z are recorded too.
       const int64_t N = weight.size(0), K = weight.size(1), M = leading_rows(x);
-      const at::Tensor g = relu ? at::where(y <= 0, at::zeros_like(grad_y), grad_y) : grad_y;
+      at::Tensor g = grad_y;
+      if (act == Activation::Relu) {
+        g = at::where(y <= 0, at::zeros_like(grad_y), grad_y);
+      } else if (is_smooth(act)) {
+        const at::Tensor z = at::linear(x, weight, has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt);
+        if (act == Activation::Silu) {  // silu_backward has no derivative of its own: its formula
+          const at::Tensor s = at::sigmoid(z);
+          g = grad_y * s * (1 + z * (1 - s));
+        } else {
+          g = stock_activation_backward(grad_y, z, act);  // gelu_backward's derivative is stock's
+        }
+      }
       const at::Tensor g2 = g.reshape({M, N});
       if (mask[0]) gx = at::matmul(g, weight);
       if (mask[1]) gw = at::mm(g2.t(), x.reshape({M, K}));
       if (mask[2]) gb = g2.sum(0);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // skips the autograd fallback's boxed checks
-      std::tie(gx, gw, gb) = call_linear_relu_backward(grad_y, x, weight, y_opt, relu ? "relu" : "none", mask);
+      const std::optional<at::Tensor> y_opt = y.defined() ? std::optional<at::Tensor>(y) : std::nullopt;
+      std::tie(gx, gw, gb) = call_linear_relu_backward(grad_y, x, weight, y_opt, activation_name(act), mask);
     }
     grads[0] = mask[0] ? gx : at::Tensor();
     grads[1] = mask[1] ? gw : at::Tensor();

@@ -11,12 +11,66 @@
 
 namespace dynnet {
 
-enum class Activation { None, Relu };
+// The activation of the layer ops. ReLU is applied in the kernels' store (its backward mask comes
+// from the output y); GELU (exact, erf), GELU's tanh approximation and SiLU are smooth: their
+// backward needs the pre-activation z, which linear_act returns beside y.
+enum class Activation { None, Relu, Gelu, GeluTanh, Silu };
 
 inline Activation parse_activation(c10::string_view name) {
   if (name == "relu") return Activation::Relu;
   if (name == "none") return Activation::None;
-  TORCH_CHECK(false, "dynnet: activation must be 'relu' or 'none', got '", std::string(name), "'");
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_tanh") return Activation::GeluTanh;
+  if (name == "silu") return Activation::Silu;
+  TORCH_CHECK(false, "dynnet: activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or 'none', got '",
+              std::string(name), "'");
+}
+
+inline const char* activation_name(Activation act) {
+  switch (act) {
+    case Activation::None: return "none";
+    case Activation::Relu: return "relu";
+    case Activation::Gelu: return "gelu";
+    case Activation::GeluTanh: return "gelu_tanh";
+    case Activation::Silu: return "silu";
+  }
+  return "none";
+}
+
+inline bool is_smooth(Activation act) {
+  return act == Activation::Gelu || act == Activation::GeluTanh || act == Activation::Silu;
+}
+
+// linear_act computes only the smooth activations (relu and none need no pre-activation).
+inline void check_smooth(Activation act, c10::string_view name) {
+  TORCH_CHECK(is_smooth(act), "dynnet: linear_act's activation must be 'gelu', 'gelu_tanh' or 'silu', got '",
+              std::string(name), "' (linear_relu computes 'relu' and 'none')");
+}
+
+// linear_relu_backward's saved tensor y: the output for 'relu', the pre-activation for a smooth one.
+inline void check_backward_saved(Activation act, bool has_saved) {
+  TORCH_CHECK(act == Activation::None || has_saved,
+              "dynnet: linear_relu_backward needs y: the forward output for 'relu', the pre-activation z "
+              "(linear_act's second output) for 'gelu', 'gelu_tanh' and 'silu'");
+}
+
+// A smooth activation and its backward with stock's ops: the CUDA kernels' (torch's own activation
+// after the GEMM until a GPU has compared cuBLASLt's GELU epilogue with it), the CPU's where the
+// engine does not run the dtype (float64, a CPU without AVX2), and the recorded (double) backward's.
+inline at::Tensor stock_activation(const at::Tensor& z, Activation act) {
+  if (act == Activation::Silu) return at::silu(z);
+  return at::gelu(z, act == Activation::GeluTanh ? "tanh" : "none");
+}
+inline void stock_activation_out(at::Tensor& y, const at::Tensor& z, Activation act) {  // y may be z
+  if (act == Activation::Silu) {
+    at::silu_out(y, z);
+  } else {
+    at::gelu_out(y, z, act == Activation::GeluTanh ? "tanh" : "none");
+  }
+}
+inline at::Tensor stock_activation_backward(const at::Tensor& grad_y, const at::Tensor& z, Activation act) {
+  if (act == Activation::Silu) return at::silu_backward(grad_y, z);
+  return at::gelu_backward(grad_y, z, act == Activation::GeluTanh ? "tanh" : "none");
 }
 
 // The device kernels of the four ops count their calls (a relaxed atomic increment at entry, a

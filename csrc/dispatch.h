@@ -24,6 +24,16 @@ inline at::Tensor call_linear_relu(const at::Tensor& x, const at::Tensor& weight
   return op.call(x, weight, bias, activation);
 }
 
+inline std::tuple<at::Tensor, at::Tensor> call_linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dynnet::linear_act", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const std::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(x, weight, bias, activation);
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_linear_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& y,
     c10::string_view activation, std::array<bool, 3> mask) {

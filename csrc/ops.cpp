@@ -4,10 +4,18 @@
 //
 // linear_relu(x, weight, bias, activation) -> y
 //   y = act(x @ weight.T + bias), x: (*, in), weight: (out, in), bias: (out,) or None,
-//   activation: 'relu' or 'none'. y: (*, out), a new contiguous tensor.
+//   activation: 'relu', 'gelu' (exact, erf), 'gelu_tanh' (tanh approximation), 'silu' or 'none'.
+//   y: (*, out), a new contiguous tensor. Its autograd node saves x, weight and, for 'relu', y;
+//   for a smooth activation it runs linear_act instead and saves z.
+// linear_act(x, weight, bias, activation) -> (y, z)
+//   The smooth activations ('gelu', 'gelu_tanh', 'silu') only: y as linear_relu's and the
+//   pre-activation z = x @ weight.T + bias, which their backward needs. Not differentiable itself:
+//   linear_relu's autograd node calls it.
 // linear_relu_backward(grad_y, x, weight, y, activation, output_mask) -> (grad_x, grad_weight, grad_bias)
 //   With g = (y <= 0 ? 0 : grad_y) for 'relu' (the mask comes from the saved output and treats
-//   NaN exactly as threshold_backward does; y may be None for 'none'): grad_x = g @ weight, grad_weight = g.T @ x,
+//   NaN exactly as threshold_backward does), g = grad_y * act'(y) for a smooth activation, whose
+//   y argument is the pre-activation z, and g = grad_y for 'none' (y may be None):
+//   grad_x = g @ weight, grad_weight = g.T @ x,
 //   grad_bias = g.sum over leading dims. A gradient whose output_mask entry is false is not
 //   computed and is returned as an empty tensor of shape (0,).
 //
@@ -48,6 +56,7 @@ void count_kernel_call(KernelOp op, c10::DeviceType device) {
 
 TORCH_LIBRARY(dynnet, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias, str activation='relu') -> Tensor");
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
   m.def(
       "linear_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? y, str activation, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -6,8 +6,8 @@ argument handling; torch.compile and tensors with __torch_function__ get torch.o
 torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) or a
 torch.autograd.forward_ad dual level, which refuse the C++ autograd node, the same op goes
 through the Python autograd.Functions of dynnet_ext.ops (one module per op), which carry vmap
-and jvp rules. fused_linear_act's GELU and SiLU are that op without activation followed by
-stock's activation op (dynnet_ext.ops.activations), so they take each of these routes too.
+and jvp rules for 'relu' and 'none'; there fused_linear_act's GELU and SiLU are that op without
+activation followed by stock's activation op (dynnet_ext.ops.activations).
 dynamic_net runs the whole DynamicNet the same way, through torch.ops.dynnet.dynamic_net.
 Inputs the kernels cannot take (no kernels compiled for the device, or a dtype other than
 float32/64, float16, bfloat16), and every input when DYNNET_EXT_FORCE_STOCK=1 is set, go through
@@ -19,7 +19,7 @@ from torch.overrides import has_torch_function
 
 from .ops import FORCE_STOCK, SUPPORTED_DTYPES, DynamicNetFunction, LinearReLUJvpFunction, _C, has_kernels, transforms_active
 from .ops import cuda_paths
-from .ops.activations import KERNEL_ACTIVATIONS, check_activation, stock_activation
+from .ops.activations import SMOOTH_ACTIVATIONS, check_activation, stock_activation
 from .ops.dynamic_net import stock_dynamic_net
 from .ops.linear_relu import stock_linear_act
 
@@ -58,6 +58,8 @@ def _linear(x, weight, bias, activation):
         raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
     if _eligible(x):
         if transforms_active():
+            if activation in SMOOTH_ACTIVATIONS:
+                return stock_activation(_transformed(LinearReLUJvpFunction, *_autocast(x, weight, bias), "none"), activation)
             return _transformed(LinearReLUJvpFunction, *_autocast(x, weight, bias), activation)
         if torch.compiler.is_compiling() or has_torch_function((x, weight, bias)):
             return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
@@ -80,13 +82,11 @@ def fused_linear_act(x, weight, bias=None, activation="relu"):
     (F.gelu(approximate="tanh")), "silu" (F.silu), "none". x: (*, in), weight: (out, in), bias:
     (out,) or None -> (*, out).
 
-    relu and none: the same fused op as fused_linear_relu / fused_linear. gelu, gelu_tanh and
-    silu: the fused linear (the 'none' op) followed by stock's activation op, which saves the
-    pre-activation for its backward, as stock nn.Linear + nn.GELU / nn.SiLU do."""
-    if activation in KERNEL_ACTIVATIONS:
-        return _linear(x, weight, bias, activation)
+    One fused op for every activation: the smooth ones' activation and derivative are the
+    kernels' (dynnet_ext.ops.activations says how they compare with stock's), and the backward
+    saves the pre-activation z, as stock nn.Linear + nn.GELU / nn.SiLU do."""
     check_activation(activation)
-    return stock_activation(_linear(x, weight, bias, "none"), activation)
+    return _linear(x, weight, bias, activation)
 
 
 def dynamic_net(x, w_in, b_in, w_h, b_h, w_out, b_out, depth):

@@ -80,8 +80,8 @@ class FusedLinearReLU(FusedLinear):
 
 class FusedLinearGELU(FusedLinear):
     """y = gelu(x @ weight.T + bias), the GELU as nn.GELU(approximate): "none" (exact, erf) or
-    "tanh". x: (*, in_features) -> (*, out_features). The linear is the fused op, the GELU
-    stock's op after it (dynnet_ext.functional.fused_linear_act)."""
+    "tanh". x: (*, in_features) -> (*, out_features). One fused op, GELU included; the backward
+    saves the pre-activation (dynnet_ext.functional.fused_linear_act, dynnet_ext.ops.activations)."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, approximate="none"):
         _check_approximate(approximate)
@@ -109,8 +109,8 @@ class FusedLinearGELU(FusedLinear):
 
 class FusedLinearSiLU(FusedLinear):
     """y = silu(x @ weight.T + bias) = z * sigmoid(z), as nn.SiLU. x: (*, in_features) ->
-    (*, out_features). The linear is the fused op, the SiLU stock's op after it
-    (dynnet_ext.functional.fused_linear_act)."""
+    (*, out_features). One fused op, SiLU included; the backward saves the pre-activation
+    (dynnet_ext.functional.fused_linear_act, dynnet_ext.ops.activations)."""
 
     activation = "silu"
 

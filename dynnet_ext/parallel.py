@@ -19,6 +19,7 @@ DTensor reaching an op computes there with dynnet's kernel and no communication:
       column-parallel  Replicate      Shard(0)   Shard(0)      Shard(-1)   ReLU is elementwise
       row-parallel     Shard(-1)      Shard(1)   Partial       Partial     activation 'none' only
       batch-parallel   Shard(0)       Replicate  Replicate     Shard(0)
+    linear_act         as linear_relu for its activations (GELU, SiLU: elementwise), y and z alike
     dynamic_net        replicated, or batch-parallel (x Shard(0), weights replicated)
 
 and the matching backward rules. Row-parallel sums partial products after the op, so the op
@@ -124,6 +125,11 @@ def _linear_relu_rules(x, weight, bias, activation="relu"):
     return rules
 
 
+def _linear_act_rules(x, weight, bias, activation):
+    # y and z, placed alike: linear_relu's rules for an elementwise, non-linear activation.
+    return [([out, out], args) for [out], args in _linear_relu_rules(x, weight, bias, activation)]
+
+
 def _linear_relu_backward_rules(grad_y, x, weight, y, activation, output_mask):
     # Outputs (grad_x, grad_weight, grad_bias).
     out = partial(_computed, output_mask)
@@ -174,6 +180,7 @@ def register_sharding_rules():
     # output_mask out of the key - and a row-parallel 'none' answer (Partial) would then be
     # reused for 'relu'. Every non-tensor argument picks rules here, so all are in the key.
     for op, rules, static in ((ops.linear_relu.default, _linear_relu_rules, 3),
+                              (ops.linear_act.default, _linear_act_rules, 3),
                               (ops.linear_relu_backward.default, _linear_relu_backward_rules, 4),
                               (ops.dynamic_net.default, _dynamic_net_rules, 7),
                               (ops.dynamic_net_backward.default, _dynamic_net_backward_rules, 6)):

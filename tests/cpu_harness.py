@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = os.path.join(ROOT, "csrc", "cpu")
 BUILD = os.path.join(ROOT, "build", "cpu-harness")
 UNITS = ["gemm_avx512.cpp", "gemm_avx512bf16.cpp", "harness/driver.cpp"]
-HEADERS = ["gemm_api.h", "gemm_kernel.h", "gemm_isa_avx512.h", "harness/avx512.h"]
+HEADERS = ["gemm_api.h", "gemm_kernel.h", "activation_kernel.h", "gemm_isa_avx512.h", "harness/avx512.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # gemm_api.h's DType
 FORMS = {"packed": 0, "dot": 1, "direct": 2}  # gemm_api.h's Form
 
@@ -78,6 +78,9 @@ def load():
         fn.restype = ctypes.c_int
         lib.dynnet_harness_fma_loop.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.dynnet_harness_fma_loop.restype = ctypes.c_double
+        lib.dynnet_harness_activation.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr,
+                                                  ptr, i64]
+        lib.dynnet_harness_activation.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -109,3 +112,20 @@ def gemm(a, b, *, kernels="avx512_bf16", form="packed", a_mask=None, bias=None, 
     if rc != 0:
         raise ValueError(f"the harness refused the problem (code {rc}): form {form!r} cannot run it")
     return c
+
+
+ACTS = {"gelu": 0, "gelu_tanh": 1, "silu": 2}  # gemm_api.h's Act
+
+
+def activation(z, act, *, grad_y=None, kernels="avx512"):
+    """act(z), or grad_y * act'(z), by the emulated AVX-512 units' activation kernels; z (and
+    grad_y) contiguous, of one dtype. Returns a new tensor of z's shape and dtype."""
+    out = torch.full_like(z, float("nan"))
+    gy = grad_y.contiguous() if grad_y is not None else None
+    rc = load().dynnet_harness_activation(int(kernels == "avx512_bf16"), DTYPES[z.dtype], ACTS[act],
+                                          int(grad_y is not None), None if gy is None else gy.data_ptr(),
+                                          z.data_ptr(), out.data_ptr(), z.numel())
+    if rc != 0:
+        raise ValueError(f"the harness has no {kernels} kernels")
+    return out
+

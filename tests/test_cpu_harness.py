@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cpu_harness
+import dynnet_ext
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (kernels, dtype): avx512 converts half types to fp32 while packing; avx512_bf16 multiplies
@@ -120,3 +121,49 @@ def test_ceiling_loops_count_their_flops():
     # multiply-adds), so bfloat16's ceiling counts twice the FMA loop's work per instruction.
     assert cpu_harness.fma_loop_flops("avx512", 1000) == 2 * 16 * 24 * 1000
     assert cpu_harness.fma_loop_flops("avx512_bf16", 1000) == 4 * 16 * 24 * 1000
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("kernels,dtype", ENGINES, ids=str)
+def test_activation_kernels_are_the_extensions(act, kernels, dtype):
+    # activation_kernel.h compiled on SIMDe: act(z) and grad_y * act'(z) over a sweep with the
+    # extremes, in each dtype (half types through float32, rounded once) - within float32 of the
+    # exact value (accuracy itself: tests/test_activations.py), and, where the extension runs
+    # the engine on this CPU, its bits: the code is plain IEEE arithmetic (explicit fma, no
+    # contraction a compiler could choose differently), so emulated and native units agree.
+    import math
+
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e30, -1e30, 1e4, -1e4])
+    z = torch.cat([torch.linspace(-20, 20, 20001), specials]).to(dtype)
+    gy = torch.randn(z.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = cpu_harness.activation(z, act, kernels=kernels)
+    g = cpu_harness.activation(z, act, grad_y=gy, kernels=kernels)
+    z64 = z.double().requires_grad_()
+    if act == "gelu":
+        f = z64 * 0.5 * torch.special.erfc(-z64 / math.sqrt(2))
+    elif act == "gelu_tanh":
+        f = z64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z64 + 0.044715 * z64 ** 3))
+    else:
+        f = z64 * torch.sigmoid(z64)
+    (d1,) = torch.autograd.grad(f, z64, torch.ones_like(z64))
+    f, df = f.detach(), d1 * gy.double()
+    finite = z.abs() <= 20
+    # The dtype's rounding of the output, 64 times over, plus what rounding an intermediate
+    # argument costs any float32 evaluation (cond = |z f' / f|: gelu_tanh's left tail); absolute
+    # floors at the dtype's smallest normal and, for the derivative, at its cancellation near zeros.
+    cond = (z64.detach() * d1 / f).abs().nan_to_num(0.0)
+    floor = max(2.0**-100, torch.finfo(dtype).tiny)
+    bad = finite & ((y.double() - f).abs() > floor + (64 + 2 * cond) * UNIT[dtype] * f.abs())
+    assert not bad.any(), (z[bad][:5], y[bad][:5], f[bad][:5])
+    bad = finite & ((g.double() - df).abs() > 8 * UNIT[dtype] + (64 + 2 * cond) * UNIT[dtype] * df.abs())
+    assert not bad.any(), (z[bad][:5], g[bad][:5], df[bad][:5])
+    if dynnet_ext.ops._C is not None and dynnet_ext.ops._C.cpu_gemm_kernels(str(dtype)[6:]) != "aten":
+        ops = torch.ops.dynnet
+        one = torch.ones(1, 1, dtype=dtype)
+        want_y = ops.linear_act(z[:, None], one, None, act)[0][:, 0]
+        want_g = ops.linear_relu_backward(gy[:, None], z[:, None], one, z[:, None], act, [True, False, False])[0][:, 0]
+        assert torch.equal(y.nan_to_num(7), want_y.nan_to_num(7))
+        # grad_x = g @ [[1]] is g, through the backward's GEMM: 0 + g * 1 makes -0 +0, and
+        # vdpbf16ps flushes subnormal inputs (bfloat16 on AVX512_BF16) - both undone here.
+        flush = lambda t: torch.where(t.abs() < torch.finfo(dtype).tiny, 0, t).nan_to_num(7)  # noqa: E731
+        assert torch.equal(flush(g), flush(want_g))

@@ -129,4 +129,11 @@ def test_fuse_real_model(name, mode, device, ran):
     assert [n for n, g in got_grads.items() if g is None] == [n for n, g in want_grads.items() if g is None]
     for n, g in got_grads.items():
         if g is not None:
-            torch.testing.assert_close(g, want_grads[n], **F32, msg=lambda m, n=n: f"gradient of {n}: {m}")
+            # F32 plus 64 float32 ulp of the gradient's largest element: rounding differences of
+            # a few ulp (the engine's sums, the kernels' SiLU) grow through a block's norms and
+            # attention past F32's atol in a gradient of size ~500 (Llama's embeddings; stock's
+            # own float32 gradient is as far from the float64 model's).
+            scale = want_grads[n].abs().max().item()
+            torch.testing.assert_close(g, want_grads[n], rtol=F32["rtol"],
+                                       atol=F32["atol"] + 64 * torch.finfo(torch.float32).eps * scale,
+                                       msg=lambda m, n=n: f"gradient of {n}: {m}")

@@ -199,7 +199,7 @@ def test_grad_bias_accumulates_in_high_precision():
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("activation", ["relu", "none", "gelu", "gelu_tanh", "silu"])
 def test_opcheck(bias, activation, device):
     x, w, b = make((2, 5), 7, 3, torch.float32, device, bias)
     y = OPS.linear_relu(x, w, b, activation)
@@ -207,6 +207,11 @@ def test_opcheck(bias, activation, device):
     # with inputs that require grad: checks the Autograd-key registration (csrc/autograd.cpp) too
     grad_args = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
     torch.library.opcheck(OPS.linear_relu.default, (*grad_args, activation))
+    if activation in ("gelu", "gelu_tanh", "silu"):  # the backward's saved tensor is z
+        torch.library.opcheck(OPS.linear_act.default, (x, w, b, activation))
+        y_act, y = OPS.linear_act(x, w, b, activation)
+        assert torch.equal(y_act, OPS.linear_relu(x, w, b, activation))
+        assert torch.equal(y, OPS.linear_relu(x, w, b, "none"))
     gy = torch.randn_like(y)
     torch.library.opcheck(OPS.linear_relu_backward.default, (gy, x, w, y, activation, [True, True, bias]))
     torch.library.opcheck(OPS.linear_relu_backward.default, (gy, x, w, y, activation, [False, True, False]))
@@ -233,8 +238,11 @@ def test_bad_inputs_raise_clear_errors(case, device):
 
 def test_bad_activation(device):
     x, w, b = make((3,), 4, 2, torch.float32, device)
-    with pytest.raises(RuntimeError, match="activation must be 'relu' or 'none', got 'gelu'"):
-        OPS.linear_relu(x, w, b, "gelu")
+    with pytest.raises(RuntimeError, match="activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or 'none', got 'tanh'"):
+        OPS.linear_relu(x, w, b, "tanh")
+    for activation in ("relu", "none", "tanh"):
+        with pytest.raises(RuntimeError, match="activation must be|linear_act's activation must be 'gelu', 'gelu_tanh' or 'silu'"):
+            OPS.linear_act(x, w, b, activation)
 
 
 def test_backward_bad_grad_shape(device):
@@ -242,8 +250,9 @@ def test_backward_bad_grad_shape(device):
     y = OPS.linear_relu(x, w, b, "relu")
     with pytest.raises(RuntimeError, match=r"grad_y must have shape \[3, 2\]"):
         OPS.linear_relu_backward(torch.randn(3, 3, device=device), x, w, y, "relu", [True, True, True])
-    with pytest.raises(RuntimeError, match="needs the forward output y"):
-        OPS.linear_relu_backward(torch.randn_like(y), x, w, None, "relu", [True, True, True])
+    for activation in ("relu", "gelu", "gelu_tanh", "silu"):
+        with pytest.raises(RuntimeError, match="needs y: the forward output for 'relu', the pre-activation z"):
+            OPS.linear_relu_backward(torch.randn_like(y), x, w, None, activation, [True, True, True])
 
 
 def test_tolerance_table_covers_dtypes():

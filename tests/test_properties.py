@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 import dynnet_ext
 from conftest import CPU_GEMM_ISAS, set_cpu_gemm, tol
 from dynnet_ext import reference
+from dynnet_ext.ops import ACTIVATIONS
+
+ACTIVATION_ERROR = "activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or 'none'"
 
 OPS = torch.ops.dynnet
 HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -297,10 +300,10 @@ def invalid_case(draw, kind):
             rf"dynnet: x must be float32, float64, float16 or bfloat16, got {ATEN_NAMES[bad]}",)
     if kind == "activation":
         name = draw(st.one_of(
-            st.sampled_from(["", "Relu", "RELU", "relu ", " none", "gelu", "sigmoid", "None", "relu6"]),
+            st.sampled_from(["", "Relu", "RELU", "relu ", " none", "GELU", "gelu ", "sigmoid", "None", "relu6"]),
             st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12),
-        ).filter(lambda s: s not in ("relu", "none")))
-        return fwd(act=name) + (re.escape(f"dynnet: activation must be 'relu' or 'none', got '{name}'"),)
+        ).filter(lambda s: s not in ACTIVATIONS))
+        return fwd(act=name) + (re.escape(f"dynnet: {ACTIVATION_ERROR}, got '{name}'"),)
     if kind == "x_meta":
         return fwd(x=_ones((*lead, k), dtype, "meta")) + (r"dynnet: weight must be on the same device as x \(meta\), got cpu",)
 
@@ -322,10 +325,12 @@ def invalid_case(draw, kind):
         args = bwd(gy=bad) if arg == "grad_y" else bwd(y=bad)
         return args + (rf"dynnet: {arg} must have the same dtype as x \({ATEN_NAMES[dtype]}\), got {ATEN_NAMES[other]}",)
     if kind == "y_missing":
-        return bwd(y=None) + (r"dynnet: linear_relu_backward needs the forward output y when activation='relu'",)
+        act = draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "silu"]))
+        return bwd(y=None, act=act) + (r"dynnet: linear_relu_backward needs y: the forward output for 'relu', the "
+                                       r"pre-activation z \(linear_act's second output\)",)
     if kind == "bw_activation":
-        name = draw(st.sampled_from(["", "gelu", "Relu", "NONE"]))
-        return bwd(act=name) + (re.escape(f"dynnet: activation must be 'relu' or 'none', got '{name}'"),)
+        name = draw(st.sampled_from(["", "GELU", "Relu", "NONE", "tanh"]))
+        return bwd(act=name) + (re.escape(f"dynnet: {ACTIVATION_ERROR}, got '{name}'"),)
     if kind == "bw_in_features":
         k2 = draw(st.sampled_from([v for v in range(10) if v != k]))
         return bwd(w=_ones((n, k2), dtype)) + (rf"dynnet: x's last dimension \({k}\) must equal weight's in_features",)

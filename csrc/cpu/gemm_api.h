@@ -12,6 +12,9 @@ namespace dynnet {
 namespace gemm {
 
 enum class DType : int { F32, BF16, F16 };
+// The smooth activations the kernels compute elementwise (activation_kernel.h); ReLU lives in the
+// GEMM's store (Epilogue).
+enum class Act : int { Gelu, GeluTanh, Silu };
 // The 16-bit storage types, as raw bits (the ISA units see no c10 types).
 struct bf16_t { uint16_t x; };
 struct f16_t { uint16_t x; };
@@ -97,6 +100,10 @@ struct Kernels {
   // is not null, for columns [c0, c1), rounded once to the dtype: a half-type grad_bias.
   void (*column_sums)(DType dtype, const void* g, int64_t ld, const void* y, int64_t y_ld, int64_t rows, int64_t c0,
                       int64_t c1, void* out);
+  // y[i] = act(z[i]) and g[i] = gy[i] act'(z[i]) for i < n, contiguous, in fp32, each result
+  // rounded once to the dtype (activation_kernel.h). y may be z (in place).
+  void (*activation)(DType dtype, Act act, const void* z, void* y, int64_t n);
+  void (*activation_grad)(DType dtype, Act act, const void* gy, const void* z, void* g, int64_t n);
 };
 
 // Defined by the ISA units; each returns nullptr when built without support for its ISA.

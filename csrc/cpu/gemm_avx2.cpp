@@ -6,6 +6,7 @@
 //
 // Compiled with its own target options (see gemm_avx512.cpp for why no torch header is here).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

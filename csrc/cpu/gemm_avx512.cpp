@@ -6,6 +6,7 @@
 // Compiled with its own target options (setup.py adds none globally): only this unit's
 // functions use AVX-512, and they run only after gemm.cpp checked the CPU supports it.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -6,6 +6,7 @@
 // as zero and rounds its pair sum once, as Intel documents; within the bfloat16 tolerance.)
 // Only bfloat16 runs here; float32 and float16 take the plain AVX-512 kernels.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -78,7 +79,8 @@ void compute(const Problem& p, const PackedB& b, int64_t r0, int64_t r1, int64_t
 const Kernels* avx512bf16_kernels() {
   static const Kernels k{"avx512_bf16", Avx512Bf16::MR, Avx512Bf16::NR, &kc,      &packed_bytes, &scratch,
                          &pack,         &compute,        Avx512::DR,     Avx512::DC, Avx512::DKC,   &dot_rect<Avx512>,
-                         &fma_loop<Avx512Bf16>, Avx512::DIRECT, &column_sums_any<Avx512>};
+                         &fma_loop<Avx512Bf16>, Avx512::DIRECT, &column_sums_any<Avx512>,
+                         &activation_any<Avx512>, &activation_grad_any<Avx512>};
   return &k;
 }
 

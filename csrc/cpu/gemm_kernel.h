@@ -717,10 +717,13 @@ size_t scratch_floats(DType dtype, int64_t K) {  // one block of A slivers
   return static_cast<size_t>(I::MC * kc_for<I>(dtype, K));
 }
 
+#include "activation_kernel.h"
+
 template <class I>
 const Kernels* make_kernels(const char* name) {
   static const Kernels k{name,          I::MR,          I::NR,         &kc_for<I>, &packed_b_bytes<I>,
                          &scratch_floats<I>, &pack_b_any<I>, &compute_any<I>, I::DR,     I::DC,
-                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT, &column_sums_any<I>};
+                         I::DKC,        &dot_rect<I>,   &fma_loop<I>,  I::DIRECT, &column_sums_any<I>,
+                         &activation_any<I>, &activation_grad_any<I>};
   return &k;
 }

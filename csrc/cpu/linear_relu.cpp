@@ -1,5 +1,7 @@
 // CPU kernels of dynnet::linear_relu and dynnet::linear_relu_backward.
 //
+// CPU kernels of dynnet::linear_act too (y and the pre-activation z of a smooth activation).
+//
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):
 //   y = act(x2 @ weight.T + bias)
 // float32, bfloat16, float16 (on an AVX2 or AVX-512 CPU): one GEMM of the project's engine
@@ -10,8 +12,12 @@
 // float64, float32 and (on AMX CPUs) bfloat16 at large products (gemm::kernels_for), or
 // DYNNET_EXT_CPU_GEMM=aten: ATen's addmm into y, the bias inside it as stock's F.linear has it,
 // then stock's ReLU in place.
+// GELU, GELU-tanh and SiLU (smooth): the GEMM as for 'none', then the activation in one
+// vectorised pass of the engine's (gemm::Kernels::activation, activation_kernel.h; stock's op
+// where the engine does not run the dtype) - over y in place, or from z into y for linear_act.
 //
-// Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'):
+// Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'; g = grad_y * act'(z) for a smooth
+// activation, whose saved tensor is z: one pass writes g, then as for 'none'):
 //   grad_bias = column sums of g, one pass (accumulated in acc_type: double for float, float
 //     for half types; columns split across threads, so the sum order is fixed);
 //   grad_x = g @ weight, grad_weight = g.T @ x.
@@ -37,6 +43,51 @@ namespace {
 
 constexpr int64_t kGrainElements = 32768;  // elements per parallel task: below this, threads cost more than they save
 
+gemm::Act engine_act(Activation act) {
+  return act == Activation::Gelu ? gemm::Act::Gelu : act == Activation::GeluTanh ? gemm::Act::GeluTanh : gemm::Act::Silu;
+}
+
+// y = act(z) for a smooth activation, z and y contiguous (y may be z): the engine's kernel when
+// the engine ran the layer's GEMMs (`kern`), else stock's op, as ATen's path has stock's GEMMs.
+void apply_activation(const gemm::Kernels* kern, const at::Tensor& z, at::Tensor& y, Activation act) {
+  TORCH_INTERNAL_ASSERT(z.is_contiguous() && y.is_contiguous());
+  if (!kern) {
+    stock_activation_out(y, z, act);
+    return;
+  }
+  const gemm::DType dt = gemm::dtype_of(z.scalar_type());
+  const char* zp = static_cast<const char*>(z.const_data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t size = z.element_size();
+  at::parallel_for(0, z.numel(), kGrainElements, [&](int64_t i0, int64_t i1) {
+    kern->activation(dt, engine_act(act), zp + i0 * size, yp + i0 * size, i1 - i0);
+  });
+}
+
+// grad_y * act'(z) for a smooth activation, a new contiguous tensor; the engine's or stock's as
+// for apply_activation.
+at::Tensor activation_grad(const gemm::Kernels* kern, const at::Tensor& grad_y, const at::Tensor& z, Activation act) {
+  if (!kern) return stock_activation_backward(grad_y, z, act).contiguous();
+  const at::Tensor gy = grad_y.contiguous(), zc = z.contiguous();
+  at::Tensor g = at::empty(zc.sizes(), zc.options());
+  const gemm::DType dt = gemm::dtype_of(z.scalar_type());
+  const char* gyp = static_cast<const char*>(gy.const_data_ptr());
+  const char* zp = static_cast<const char*>(zc.const_data_ptr());
+  char* gp = static_cast<char*>(g.data_ptr());
+  const int64_t size = z.element_size();
+  at::parallel_for(0, zc.numel(), kGrainElements, [&](int64_t i0, int64_t i1) {
+    kern->activation_grad(dt, engine_act(act), gyp + i0 * size, zp + i0 * size, gp + i0 * size, i1 - i0);
+  });
+  return g;
+}
+
+// The engine's kernels for a layer's GEMMs (M, K) x (K, N), or nullptr for ATen's path. With no
+// input features (K == 0) ATen's addmm returns the bias itself, as stock does; the engine's
+// 0 + b would turn a -0 bias into +0.
+const gemm::Kernels* layer_kernels(at::ScalarType dtype, int64_t M, int64_t N, int64_t K) {
+  return K > 0 ? gemm::kernels_for(dtype, double(M) * double(N) * double(K)) : nullptr;
+}
+
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
   check_linear_args(x, weight, bias);
@@ -54,6 +105,27 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
     linear_act_2d(y2, as_2d(x, M, K), weight, bias, act);
   }
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_linear_args(x, weight, bias);
+  const Activation act = parse_activation(activation);
+  check_smooth(act, activation);
+  TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_act's CPU kernel got x on ", x.device());
+  count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CPU);
+
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = leading_rows(x);
+  const auto options = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor z = at::empty(linear_out_shape(x, weight), options);
+  at::Tensor y = at::empty(linear_out_shape(x, weight), options);
+  if (M > 0 && N > 0) {
+    at::Tensor z2 = z.view({M, N});
+    linear_act_2d(z2, as_2d(x, M, K), weight, bias, Activation::None);
+    apply_activation(layer_kernels(x.scalar_type(), M, N, K), z, y, act);
+  }
+  return {y, z};
 }
 
 // Columns per task of a pass that sums columns over `rows` rows.
@@ -126,16 +198,20 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& y, c10::string_view activation, std::array<bool, 3> output_mask) {
-  const Activation act = parse_activation(activation);
-  TORCH_CHECK(act == Activation::None || y.has_value(),
-              "dynnet: linear_relu_backward needs the forward output y when activation='relu'");
+  Activation act = parse_activation(activation);
+  check_backward_saved(act, y.has_value());
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
   TORCH_CHECK(x.device().is_cpu(), "dynnet: linear_relu_backward's CPU kernel got x on ", x.device());
   count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CPU);
 
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  const at::Tensor gy2 = rows_contiguous(as_2d(grad_y, M, N));
+  at::Tensor gy2 = rows_contiguous(as_2d(grad_y, M, N));
+  const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type(), double(M) * double(N) * double(K));
+  if (is_smooth(act)) {  // y is z: g = grad_y * act'(z), written once, then as for 'none'
+    gy2 = activation_grad(kern, gy2, as_2d(*y, M, N), act);
+    act = Activation::None;
+  }
   const auto [need_gx, need_gw, need_gb] = output_mask;
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
@@ -145,7 +221,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   // product itself, so those take ATen's path - unless the engine reads float32 B where it lies
   // (the direct form, gemm.cpp): then only 1 row does (benchmarks/results/README.md, thresholds:
   // layer-backward-min-rows).
-  const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type(), double(M) * double(N) * double(K));
   const bool direct = kern && kern->direct && x.scalar_type() == at::kFloat;
   if (kern && (M >= 2 * kern->mr || (direct && M >= 2)) && (need_gx || need_gw)) {
     // Our GEMMs: the mask is applied while grad_y is packed, so g is never written; the bias
@@ -212,16 +287,14 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
                    const std::optional<at::Tensor>& bias, Activation act) {
   const int64_t M = y2.size(0), N = y2.size(1);
   if (M == 0 || N == 0) return;
-  // K == 0 (no products): ATen's addmm below returns the bias itself, as stock does; the
-  // engine's 0 + b would turn a -0 bias into +0.
-  const double macs = double(M) * double(N) * double(x2.size(1));
-  if (const gemm::Kernels* kern = x2.size(1) > 0 ? gemm::kernels_for(x2.scalar_type(), macs) : nullptr) {
+  if (const gemm::Kernels* kern = layer_kernels(x2.scalar_type(), M, N, x2.size(1))) {
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     gemm::Problem p = gemm::product(M, N, x2.size(1), x2.scalar_type(), gemm::view_of(x2), gemm::view_of_t(weight),
                                     y2.data_ptr(), y2.stride(0));
     p.epi.bias = b.defined() ? b.const_data_ptr() : nullptr;
     p.epi.relu = act == Activation::Relu;
     gemm::run(kern, {&p});
+    if (is_smooth(act)) apply_activation(kern, y2, y2, act);
     return;
   }
   // The bias goes into the GEMM (addmm: y filled with the bias, then accumulated into), as
@@ -237,10 +310,12 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
     at::cpu::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
   }
   if (act == Activation::Relu) at::cpu::clamp_min_(y2, 0);
+  if (is_smooth(act)) apply_activation(nullptr, y2, y2, act);
 }
 
 TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("linear_relu", &linear_relu_cpu);
+  m.impl("linear_act", &linear_act_cpu);
   m.impl("linear_relu_backward", &linear_relu_backward_cpu);
 }
 

@@ -17,6 +17,9 @@ namespace dynnet {
 at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::string_view activation);
 
+std::tuple<at::Tensor, at::Tensor> linear_act_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, c10::string_view activation);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& y,
     c10::string_view activation, std::array<bool, 3> output_mask);

@@ -4,6 +4,9 @@
 // translation unit of each build.
 //
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):   y = act(x2 @ weight.T + bias)
+// GELU, GELU-tanh and SiLU (smooth; linear_act returns z beside y): the 'none' layer, then
+// torch's own activation op after it, and its backward op before the 'none' backward - until a
+// GPU has compared cuBLASLt's GELU epilogues and this project's own with stock.
 // Backward, g = (y <= 0 ? 0 : grad_y) for 'relu' (grad_y for 'none'):
 //   grad_x = g @ weight (M, K),  grad_weight = g.T @ x2 (N, K),  grad_bias = sum_m g[m, :] (N)
 //
@@ -41,6 +44,7 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             c10::string_view activation) {
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
+  if (is_smooth(act)) return stock_activation(linear_relu_cuda(x, weight, bias, "none"), act);
   const DeviceScope scope(x, "linear_relu");
   count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CUDA);
 
@@ -67,13 +71,24 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_act_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_linear_args(x, weight, bias);
+  const Activation act = parse_activation(activation);
+  check_smooth(act, activation);
+  at::Tensor z = linear_relu_cuda(x, weight, bias, "none");
+  return {stock_activation(z, act), z};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& y,
     c10::string_view activation, std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(act == Activation::None || y.has_value(),
-              "dynnet: linear_relu_backward needs the forward output y when activation='relu'");
+  check_backward_saved(act, y.has_value());
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
+  if (is_smooth(act))  // y is z
+    return linear_relu_backward_cuda(stock_activation_backward(grad_y, *y, act), x, weight, std::nullopt, "none",
+                                     output_mask);
   const DeviceScope scope(x, "linear_relu_backward");
   count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CUDA);
 

@@ -9,7 +9,7 @@
 
 The names below are the ones user code, the rest of dynnet_ext and the tests use."""
 
-from .activations import ACTIVATIONS, KERNEL_ACTIVATIONS, stock_activation
+from .activations import ACTIVATIONS, FUNCTION_ACTIVATIONS, SMOOTH_ACTIVATIONS, stock_activation
 from .cuda_paths import (CUDA_PATHS, CUDA_PRECISIONS, cuda_choose_layer, cuda_choose_net, cuda_dispatch_table,
                          cuda_path, cuda_precision, load_cuda_dispatch_table, reset_cuda_dispatch_table,
                          set_cuda_dispatch_table, set_cuda_path)
@@ -19,8 +19,8 @@ from .library import _C, BUILD_INFO, FORCE_STOCK, LOAD_ERROR, SUPPORTED_DTYPES, 
 from .linear_relu import LinearReLUBackwardFunction, LinearReLUFunction, LinearReLUJvpFunction
 
 __all__ = ["ACTIVATIONS", "BUILD_INFO", "CUDA_PATHS", "CUDA_PRECISIONS", "DynamicNetBackwardFunction",
-           "DynamicNetFunction", "FORCE_STOCK", "KERNEL_ACTIVATIONS", "LOAD_ERROR", "LinearReLUBackwardFunction",
+           "DynamicNetFunction", "FORCE_STOCK", "FUNCTION_ACTIVATIONS", "LOAD_ERROR", "LinearReLUBackwardFunction",
            "LinearReLUFunction", "LinearReLUJvpFunction", "SUPPORTED_DTYPES", "cuda_choose_layer", "cuda_choose_net",
            "cuda_dispatch_table", "cuda_path", "cuda_precision", "has_kernels", "kernel_calls",
            "load_cuda_dispatch_table", "reset_cuda_dispatch_table", "set_cuda_dispatch_table", "set_cuda_path",
-           "stock_activation", "transforms_active"]
+           "SMOOTH_ACTIVATIONS", "stock_activation", "transforms_active"]

@@ -1,19 +1,27 @@
 """The activations a fused layer applies, and each one's stock formula, stated once.
 
-    relu       F.relu                          in the kernels' store (torch.ops.dynnet.linear_relu)
-    gelu       F.gelu (exact, erf)             stock's op after the fused linear ('none')
-    gelu_tanh  F.gelu(approximate="tanh")      stock's op after the fused linear ('none')
-    silu       F.silu                          stock's op after the fused linear ('none')
+    relu       F.relu                          in the GEMM's store
+    gelu       F.gelu (exact, erf)             the kernels' own pass after the GEMM (CPU),
+    gelu_tanh  F.gelu(approximate="tanh")        stock's op after it (CUDA, float64, CPUs
+    silu       F.silu                            without AVX2); saved for the backward: z
     none       the identity                    the kernels (no activation)
 
-KERNEL_ACTIVATIONS are the ones torch.ops.dynnet.linear_relu takes. The others run as the fused
-linear followed by stock's own activation op: bit for bit stock's activation and derivative, and
-the saved tensors are stock's (x and W by the linear, the pre-activation z by the activation)."""
+torch.ops.dynnet.linear_relu takes all five. Its backward needs y for ReLU (the mask) and the
+pre-activation z for the smooth ones (SMOOTH_ACTIVATIONS), which torch.ops.dynnet.linear_act
+returns beside y; the saved tensors are then stock's nn.Linear + activation's (x and W, and z).
+The CPU kernels compute GELU and SiLU in float32 with relative accuracy in the tails, where
+stock's float32 formulas 0.5 z (1 + erf(z / sqrt 2)) and 0.5 z (1 + tanh(u)) cancel: results
+within a few float32 ulp of the exact value, not stock's bits (csrc/cpu/activation_kernel.h;
+tests/test_activations.py measures both against float64).
+Under a torch.func transform or forward AD the smooth ones run as the fused 'none' op followed by
+stock's activation op (the Python Functions state formulas for 'relu' and 'none' only:
+FUNCTION_ACTIVATIONS)."""
 
 import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "none")
-KERNEL_ACTIVATIONS = ("relu", "none")
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+FUNCTION_ACTIVATIONS = ("relu", "none")
 
 
 def check_activation(activation):

@@ -1,12 +1,13 @@
-"""dynnet::linear_relu, y = act(x @ weight.T + bias) with act 'relu' or 'none', on the Python side:
-its formulas, its fake kernels, and the autograd.Functions that wrap it under torch.func and
-forward-mode AD (eager calls go through the C++ node of csrc/autograd.cpp, which states the same
-formulas again: tests/test_autograd.py pins it to these)."""
+"""dynnet::linear_relu, y = act(x @ weight.T + bias), on the Python side: its formulas, its fake
+kernels (and linear_act's, which returns the pre-activation z of a smooth activation beside y),
+and the autograd.Functions that wrap it, for 'relu' and 'none', under torch.func and forward-mode
+AD (eager calls go through the C++ node of csrc/autograd.cpp, which states the same formulas
+again: tests/test_autograd.py pins it to these; it also runs the smooth activations)."""
 
 import torch
 import torch.nn.functional as F
 
-from .activations import KERNEL_ACTIVATIONS, check_activation, stock_activation
+from .activations import ACTIVATIONS, FUNCTION_ACTIVATIONS, SMOOTH_ACTIVATIONS, check_activation, stock_activation
 from .functorch import add, batched_first, per_member, rows, transforms_active
 from .library import _C, SUPPORTED_DTYPES
 
@@ -84,14 +85,22 @@ def check_fake_args(x, weight, bias=None):
                      lambda: f"dynnet: bias must have shape (out_features,) = ({weight.shape[0]},), got {list(bias.shape)}")
 
 
-def _check_activation(activation):
-    torch._check(activation in KERNEL_ACTIVATIONS, lambda: f"dynnet: activation must be 'relu' or 'none', got '{activation}'")
+def _check_activation(activation, allowed=ACTIVATIONS):
+    torch._check(activation in allowed, lambda: _activation_error(activation, allowed))
+
+
+def _activation_error(activation, allowed):
+    if allowed == SMOOTH_ACTIVATIONS:
+        return (f"dynnet: linear_act's activation must be 'gelu', 'gelu_tanh' or 'silu', got '{activation}' "
+                "(linear_relu computes 'relu' and 'none')")
+    return f"dynnet: activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or 'none', got '{activation}'"
 
 
 def _check_fake_backward_args(grad_y, x, weight, y, activation):
     _check_activation(activation)
     torch._check(activation == "none" or y is not None,
-                 lambda: "dynnet: linear_relu_backward needs the forward output y when activation='relu'")
+                 lambda: "dynnet: linear_relu_backward needs y: the forward output for 'relu', the pre-activation z "
+                         "(linear_act's second output) for 'gelu', 'gelu_tanh' and 'silu'")
     check_fake_args(x, weight)
     expected = (*x.shape[:-1], weight.shape[0])
     for name, t in (("grad_y", grad_y), ("y", y if y is not None else grad_y)):
@@ -106,6 +115,13 @@ if _C is not None:
         check_fake_args(x, weight, bias)
         _check_activation(activation)
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("dynnet::linear_act")
+    def _linear_act_fake(x, weight, bias, activation):
+        check_fake_args(x, weight, bias)
+        _check_activation(activation, SMOOTH_ACTIVATIONS)
+        shape = (*x.shape[:-1], weight.shape[0])
+        return x.new_empty(shape), x.new_empty(shape)
 
     @torch.library.register_fake("dynnet::linear_relu_backward")
     def _linear_relu_backward_fake(grad_y, x, weight, y, activation, output_mask):
@@ -137,6 +153,9 @@ class LinearReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, activation):
+        if activation not in FUNCTION_ACTIVATIONS:
+            raise ValueError(f"LinearReLUFunction's activation must be 'relu' or 'none', got {activation!r}: "
+                             "dynnet_ext.functional.fused_linear_act computes 'gelu', 'gelu_tanh' and 'silu'")
         return torch.ops.dynnet.linear_relu(x, weight, bias, activation)
 
     @staticmethod

@@ -61,3 +61,14 @@ extern "C" double dynnet_harness_fma_loop(int bf16_kernels, int64_t iters) {
   const Kernels* k = bf16_kernels ? avx512bf16_kernels() : avx512_kernels();
   return k ? k->fma_loop(iters) : -1.0;
 }
+
+// The smooth activations (activation_kernel.h): out = act(z) (grad == 0) or gy * act'(z), n
+// contiguous elements of `dtype`.
+extern "C" int dynnet_harness_activation(int bf16_kernels, int dtype, int act, int grad, const void* gy, const void* z,
+                                         void* out, int64_t n) {
+  const Kernels* k = bf16_kernels ? avx512bf16_kernels() : avx512_kernels();
+  if (k == nullptr) return 1;
+  if (grad) k->activation_grad(static_cast<DType>(dtype), static_cast<Act>(act), gy, z, out, n);
+  else k->activation(static_cast<DType>(dtype), static_cast<Act>(act), z, out, n);
+  return 0;
+}

@@ -222,6 +222,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA kernels of dynnet_ext run on the CPU (tests only; see csrc/cuda/harness/shim.h)";
   m.def("linear_relu", [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const std::string& activation) { return dynnet::linear_relu_cuda(x, weight, bias, activation); });
+  m.def("linear_act", [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::string& activation) { return dynnet::linear_act_cuda(x, weight, bias, activation); });
   m.def("linear_relu_backward",
         [](const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& y,
            const std::string& activation, std::array<bool, 3> mask) {
