@@ -119,6 +119,29 @@ def test_backward(target, shape, dtype, bias, activation):
         assert gb.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_smooth_activations_are_stocks_ops_around_the_none_layer(target, dtype, activation):
+    # On CUDA a smooth activation is torch's own op after the 'none' layer, and its backward op
+    # before the 'none' backward, on every path (until a GPU has compared cuBLASLt's GELU
+    # epilogue with it): linear_act's y and z, linear_relu's y, and the backward with z in y's
+    # place are those compositions' bits.
+    x, w, b = make((9, 4), 33, 20, dtype, True, target.device)
+    ops = target.ops
+    z = ops.linear_relu(x, w, b, "none")
+    y, z_act = ops.linear_act(x, w, b, activation)
+    want = reference.activation(z, activation)
+    assert torch.equal(z_act, z) and torch.equal(y, want) and torch.equal(ops.linear_relu(x, w, b, activation), want)
+    gy = torch.randn_like(y)
+    if activation == "silu":
+        g = torch.ops.aten.silu_backward(gy, z)
+    else:
+        g = torch.ops.aten.gelu_backward(gy, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    got = ops.linear_relu_backward(gy, x, w, z, activation, [True, True, True])
+    for a, e in zip(got, ops.linear_relu_backward(g, x, w, None, "none", [True, True, True]), strict=True):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_backward_matches_stock_autograd(target, dtype):
     x, w, b = make((37, 3), 70, 45, dtype, device=target.device)
