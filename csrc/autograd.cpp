@@ -8,8 +8,9 @@
 // Saves x, weight and, for 'relu', y (the ReLU mask comes from y); for a smooth activation
 // ('gelu', 'gelu_tanh', 'silu') the forward runs linear_act, which returns the pre-activation z
 // beside y, and saves z in y's place (the memory stock's nn.Linear + activation keeps: x and W
-// for the linear, z for the activation). Computes only the gradients autograd needs. When the backward itself is being recorded (create_graph=True), the same
-// formula runs on stock differentiable ops, so double backward works.
+// for the linear, z for the activation). Computes only the gradients autograd needs. When the
+// backward itself is being recorded (create_graph=True), the same formula runs on stock
+// differentiable ops, so double backward works.
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

@@ -1,6 +1,5 @@
-// CPU kernels of dynnet::linear_relu and dynnet::linear_relu_backward.
-//
-// CPU kernels of dynnet::linear_act too (y and the pre-activation z of a smooth activation).
+// CPU kernels of dynnet::linear_relu, dynnet::linear_act (y and the pre-activation z of a smooth
+// activation) and dynnet::linear_relu_backward.
 //
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):
 //   y = act(x2 @ weight.T + bias)
@@ -13,8 +12,9 @@
 // DYNNET_EXT_CPU_GEMM=aten: ATen's addmm into y, the bias inside it as stock's F.linear has it,
 // then stock's ReLU in place.
 // GELU, GELU-tanh and SiLU (smooth): the GEMM as for 'none', then the activation in one
-// vectorised pass of the engine's (gemm::Kernels::activation, activation_kernel.h; stock's op
-// where the engine does not run the dtype) - over y in place, or from z into y for linear_act.
+// vectorised pass of the engine's (gemm::Kernels::activation, activation_kernel.h) where the
+// engine ran the GEMM, stock's op where ATen did - over y in place, or from z into y for
+// linear_act.
 //
 // Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'; g = grad_y * act'(z) for a smooth
 // activation, whose saved tensor is z: one pass writes g, then as for 'none'):
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor gy2 = rows_contiguous(as_2d(grad_y, M, N));
   const gemm::Kernels* kern = gemm::kernels_for(x.scalar_type(), double(M) * double(N) * double(K));
   if (is_smooth(act)) {  // y is z: g = grad_y * act'(z), written once, then as for 'none'
-    gy2 = activation_grad(kern, gy2, as_2d(*y, M, N), act);
+    gy2 = activation_grad(layer_kernels(x.scalar_type(), M, N, K), gy2, as_2d(*y, M, N), act);
     act = Activation::None;
   }
   const auto [need_gx, need_gw, need_gb] = output_mask;
