@@ -55,13 +55,9 @@ inline void check_backward_saved(Activation act, bool has_saved) {
 }
 
 // A smooth activation and its backward with stock's ops: the CUDA kernels' (torch's own activation
-// after the GEMM until a GPU has compared cuBLASLt's GELU epilogue with it), the CPU's where the
-// engine does not run the dtype (float64, a CPU without AVX2), and the recorded (double) backward's.
-inline at::Tensor stock_activation(const at::Tensor& z, Activation act) {
-  if (act == Activation::Silu) return at::silu(z);
-  return at::gelu(z, act == Activation::GeluTanh ? "tanh" : "none");
-}
-inline void stock_activation_out(at::Tensor& y, const at::Tensor& z, Activation act) {  // y may be z
+// after the GEMM until a GPU has compared cuBLASLt's GELU epilogue with it), the CPU's where ATen
+// runs the GEMMs (large products, float64, a CPU without AVX2), and the recorded backward's.
+inline void stock_activation_out(at::Tensor& y, const at::Tensor& z, Activation act) {  // y = act(z); y may be z
   if (act == Activation::Silu) {
     at::silu_out(y, z);
   } else {

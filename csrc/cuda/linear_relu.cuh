@@ -44,7 +44,11 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             c10::string_view activation) {
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
-  if (is_smooth(act)) return stock_activation(linear_relu_cuda(x, weight, bias, "none"), act);
+  if (is_smooth(act)) {
+    at::Tensor y = linear_relu_cuda(x, weight, bias, "none");
+    stock_activation_out(y, y, act);
+    return y;
+  }
   const DeviceScope scope(x, "linear_relu");
   count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CUDA);
 
@@ -77,7 +81,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cuda(const at::Tensor& x, const at
   const Activation act = parse_activation(activation);
   check_smooth(act, activation);
   at::Tensor z = linear_relu_cuda(x, weight, bias, "none");
-  return {stock_activation(z, act), z};
+  at::Tensor y = at::empty_like(z);
+  stock_activation_out(y, z, act);
+  return {y, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(

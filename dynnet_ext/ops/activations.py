@@ -1,9 +1,9 @@
 """The activations a fused layer applies, and each one's stock formula, stated once.
 
     relu       F.relu                          in the GEMM's store
-    gelu       F.gelu (exact, erf)             the kernels' own pass after the GEMM (CPU),
-    gelu_tanh  F.gelu(approximate="tanh")        stock's op after it (CUDA, float64, CPUs
-    silu       F.silu                            without AVX2); saved for the backward: z
+    gelu       F.gelu (exact, erf)             the CPU engine's own pass after its GEMM; stock's
+    gelu_tanh  F.gelu(approximate="tanh")        op after ATen's GEMM (large products, float64,
+    silu       F.silu                            no AVX2) and on CUDA; the backward saves z
     none       the identity                    the kernels (no activation)
 
 torch.ops.dynnet.linear_relu takes all five. Its backward needs y for ReLU (the mask) and the
