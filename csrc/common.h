@@ -55,7 +55,7 @@ inline void check_backward_saved(Activation act, bool has_saved) {
 }
 
 // A smooth activation and its backward with stock's ops: the CUDA kernels' (torch's own activation
-// after the GEMM until a GPU has compared cuBLASLt's GELU epilogue with it), the CPU's where ATen
+// after the GEMM: on the H200 cuBLASLt's GELU epilogue was up to 1.7e7 ulps from it), the CPU's where ATen
 // runs the GEMMs (large products, float64, a CPU without AVX2), and the recorded backward's.
 inline void stock_activation_out(at::Tensor& y, const at::Tensor& z, Activation act) {  // y = act(z); y may be z
   if (act == Activation::Silu) {

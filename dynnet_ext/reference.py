@@ -13,7 +13,8 @@ from .ops.activations import ACTIVATIONS
 from .ops.activations import stock_activation as activation
 from .ops.linear_relu import stock_linear_act as linear_act
 
-__all__ = ["ACTIVATIONS", "DynamicNet", "activation", "dynamic_net", "linear_act", "linear_act_backward"]
+__all__ = ["ACTIVATIONS", "DynamicNet", "activation", "dynamic_net", "dynamic_net_backward", "linear_act",
+           "linear_act_backward"]
 
 
 def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
@@ -24,6 +25,45 @@ def linear_act_backward(grad_y, x, weight, bias=None, activation="relu"):
     y = linear_act(*leaves[:2], leaves[2] if bias is not None else None, activation)
     grads = torch.autograd.grad(y, leaves, grad_y)
     return grads[0], grads[1], grads[2] if bias is not None else None
+
+
+class _SavedReLU(torch.autograd.Function):
+    """A ReLU as the fused backward sees it: its output is the given saved activation h (what the
+    fused forward computed), its backward ReLU's own, threshold_backward(grad, h, 0), into z."""
+
+    @staticmethod
+    def forward(z, h):
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, h, 0), None
+
+
+def dynamic_net_backward(grad_out, x, w_in, b_in, w_h, b_h, w_out, b_out, acts, depth):
+    """Every gradient of dynamic_net (x, w_in, b_in, w_h, b_h, w_out, b_out: zeros for an unused
+    hidden layer, None for an absent w_h / b_h) by stock autograd in the inputs' dtype from the given
+    activations acts = [h_0; ..; h_depth] (rows stacked, as the op returns them): each layer's
+    output is its h_k, each ReLU's backward masks with it - what dynnet::dynamic_net_backward
+    computes from them. Activations recomputed by stock's forward would test something else:
+    where two correct forwards round a pre-activation near 0 to opposite sides (another order of
+    additions: a GPU kernel against cuBLAS, in bfloat16 a few of the seed's 6400 units), that unit
+    takes the other branch of ReLU and the gradients move by O(1), not by a rounding."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w_in, b_in, w_h, b_h, w_out, b_out)]
+    x, w_in, b_in, w_h, b_h, w_out, b_out = leaves
+    hs = acts.reshape(depth + 1, *x.shape[:-1], w_in.shape[0])
+    h = _SavedReLU.apply(linear_act(x, w_in, b_in, "none"), hs[0])
+    for k in range(1, depth + 1):
+        h = _SavedReLU.apply(linear_act(h, w_h, b_h, "none"), hs[k])
+    out = linear_act(h, w_out, b_out, "none")
+    grads = iter(torch.autograd.grad(out, [p for p in leaves if p is not None], grad_out, allow_unused=True))
+    full = [None if p is None else next(grads) for p in leaves]
+    return [torch.zeros_like(p) if g is None and p is not None else g for g, p in zip(full, leaves)]
 
 
 class DynamicNet(nn.Module):

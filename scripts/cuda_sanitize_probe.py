@@ -44,18 +44,15 @@ def probe(path, dtype, failures, device="cuda"):
     for n, d_in, h, d_out, depth in NETS:
         params = [rand(h, d_in) / d_in**0.5, rand(h), rand(h, h) / h**0.5, rand(h), rand(d_out, h) / h**0.5,
                   rand(d_out)]
-        x = rand(n, d_in).requires_grad_()
-        leaves = [p.requires_grad_() for p in params]
-        out = dynnet_ext.functional.dynamic_net(x, *leaves, depth)
+        x = rand(n, d_in)
+        out, acts = torch.ops.dynnet.dynamic_net(x, *params, depth)
         gout = rand(*out.shape)
-        grads = torch.autograd.grad(out, [x, *leaves], gout)
-        # Stock in the same dtype (it rounds each layer's output to the dtype, as the kernels do).
-        ux = x.detach().clone().requires_grad_()
-        up = [p.detach().clone().requires_grad_() for p in params]
-        want = reference.dynamic_net(ux, *up, depth)
-        wgrads = torch.autograd.grad(want, [ux, *up], gout)
-        close(f"{path} {dtype} dynamic_net {n}x{d_in}x{h}x{d_out} d{depth}", out, want, dtype, failures)
-        for i, (got, exp) in enumerate(zip(grads, wgrads)):
+        grads = torch.ops.dynnet.dynamic_net_backward(gout, x, params[0], params[2], params[4], acts, depth, [True] * 7)
+        # Stock in the same dtype (it rounds each layer's output to the dtype, as the kernels do);
+        # the gradients from the op's own activations (reference.dynamic_net_backward says why).
+        close(f"{path} {dtype} dynamic_net {n}x{d_in}x{h}x{d_out} d{depth}", out,
+              reference.dynamic_net(x, *params, depth), dtype, failures)
+        for i, (got, exp) in enumerate(zip(grads, reference.dynamic_net_backward(gout, x, *params, acts, depth))):
             close(f"{path} {dtype} dynamic_net grad {i} {n}x{d_in}x{h}x{d_out} d{depth}", got, exp, dtype, failures)
 
 

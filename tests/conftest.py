@@ -56,7 +56,8 @@ def _seed():
 
 
 # The CPU GEMM engines this machine and build can run (csrc/cpu/gemm.cpp): "avx512", "avx2",
-# "aten" (ATen's BLAS, the path float64 always takes). Op tests run on each of them in-process.
+# "aten" (ATen's BLAS, the path float64 always takes). Op tests run on each of them in-process
+# (their CPU cases: see cpu_gemm_isa).
 _C = dynnet_ext.ops._C
 CPU_GEMM_ISAS = list(_C.cpu_gemm_isas()) if _C is not None else []
 # Whether ATen's bfloat16 GEMM has AMX tiles here: then bfloat16 ops from 2^20 multiply-adds
@@ -85,9 +86,22 @@ def _restore_cpu_gemm():
 
 @pytest.fixture(params=CPU_GEMM_ISAS or [None])
 def cpu_gemm_isa(request):
-    """Parametrises a test over the CPU GEMM engines (a no-op without compiled kernels)."""
+    """Parametrises a test over the CPU GEMM engines (a no-op without compiled kernels). Only its
+    CPU cases run on each engine: a case whose device or target is not "cpu" ("cuda",
+    "cuda-split", "harness-vendor", ...) runs once, on the first engine (_engine_free_duplicate)."""
     set_cpu_gemm(request.param)
     return request.param
+
+
+def _engine_free_duplicate(item):
+    """Whether `item` is a copy, on another CPU GEMM engine than the first, of a case that does not
+    run dynnet's CPU GEMMs: its "device" or "target" parameter is not "cpu" (a GPU, or the CUDA
+    kernels compiled for the CPU, tests/cuda_harness.py), so every engine would run the same test."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "cpu_gemm_isa" not in params or params["cpu_gemm_isa"] == (CPU_GEMM_ISAS or [None])[0]:
+        return False
+    device = params.get("device", params.get("target"))
+    return device is not None and str(device) != "cpu"
 
 
 @pytest.fixture(params=["dot", "packed", "direct"] if CPU_GEMM_ISAS else [None])
@@ -161,7 +175,13 @@ def _needs_gpu(item):
     return any("GPU" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    # The non-CPU cases of the engine-parametrised tests run once (cpu_gemm_isa): the other
+    # engines' copies are deselected (counted as such in pytest's summary).
+    duplicates = [item for item in items if _engine_free_duplicate(item)]
+    if duplicates:
+        config.hook.pytest_deselected(items=duplicates)
+        items[:] = [item for item in items if not _engine_free_duplicate(item)]
     for item in items:
         if "ran" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.fused)

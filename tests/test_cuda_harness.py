@@ -159,11 +159,13 @@ def test_launch_limits_of_sm90(H, grid, block, smem, opt_in, error):
 def test_network_fallback_runs_the_harness_kernels(H, H_width, linear_calls):
     # Past the one-launch limit the CUDA network op runs the CUDA layer ops (here: the harness's
     # own, on the shim), never the CPU kernels that the same CPU tensors would reach through the
-    # dispatcher. The counters are the ones the ops' host entry points bump.
+    # dispatcher. The counters are the ones the ops' host entry points bump. The custom path
+    # forced: the measured defaults never choose the one-launch kernels by themselves.
     params = _net_params((5,), 4, H_width, 3, torch.float32)
     cpu_before, before = dynnet_ext.kernel_calls()["cpu"], H.kernel_calls()
-    out, acts = H.dynamic_net(*params, 2)
-    H.dynamic_net_backward(torch.ones_like(out), params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
+    with cuda_harness.Target("harness", "split").forced():
+        out, acts = H.dynamic_net(*params, 2)
+        H.dynamic_net_backward(torch.ones_like(out), params[0], params[1], params[3], params[5], acts, 2, [True] * 7)
     calls = {op: n - before[op] for op, n in H.kernel_calls().items()}
     assert calls == {"dynamic_net": 1, "dynamic_net_backward": 1, "linear_relu": linear_calls,
                      "linear_relu_backward": linear_calls}

@@ -14,7 +14,7 @@ from conftest import tol
 from dynnet_ext import reference
 
 OPS = torch.ops.dynnet
-# Every test here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
+# Every CPU case here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
 pytestmark = pytest.mark.usefixtures("cpu_gemm_isa")
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -46,13 +46,34 @@ def args_at(params, depth):
     return (x, w_in, b_in, *((w_h, b_h) if depth else (None, None)), w_out, b_out, depth)
 
 
-def expected(params, depth, grad_out):
-    """Stock forward and all seven gradients in the same dtype (stock rounds each layer's output
-    to the dtype, as the kernels do), zeros for the unused hidden layer at depth 0."""
-    leaves = [p.detach().requires_grad_() for p in params]
-    out = reference.dynamic_net(*leaves, depth)
-    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return out.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+def expected(params, depth, grad_out, acts):
+    """(stock's forward, the seven gradients' reference, their error bounds or None).
+
+    The forward is stock's in the same dtype (stock rounds each layer's output to the dtype, as
+    the kernels do). The gradients come from the op's own activations (reference.dynamic_net_backward
+    says why); zeros for the unused hidden layer at depth 0. Half types: stock's in the dtype,
+    checked with the dtype's tolerance. float32 / float64: in float64 from the same inputs, each
+    gradient within 64 eps of its largest entry (norm-wise, as a GEMM's error is bounded by its
+    operands' norms): entry-wise tolerances do not hold at the widest shapes (w_h at 256 wide,
+    depth 3: float32 errors of 1.2e-5 - stock's as the kernels' - where entries reach 41)."""
+    out = reference.dynamic_net(*params, depth)
+    dtype = out.dtype
+    if dtype not in (torch.float32, torch.float64):
+        return out, reference.dynamic_net_backward(grad_out, *params, acts, depth), None
+    grads = reference.dynamic_net_backward(*(t.double() for t in (grad_out, *params, acts)), depth)
+    eps = torch.finfo(dtype).eps
+    return out, grads, [64 * eps * g.abs().max() if g.numel() else 0.0 for g in grads]
+
+
+def assert_grads_close(grads, want, bounds, dtype):
+    assert len(grads) == len(want) == len(NAMES)
+    for i, (name, g, r) in enumerate(zip(NAMES, grads, want)):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        if bounds is None:
+            torch.testing.assert_close(g, r, **tol(dtype), msg=lambda m: f"{name}: {m}")
+        else:
+            err = (g.double() - r).abs()
+            assert (err <= bounds[i]).all(), f"{name}: |error| up to {err.max():.3g}, bound {bounds[i]:.3g}"
 
 
 def devices(harness=True):
@@ -95,15 +116,12 @@ def test_forward_and_backward_match_reference(shape, dtype, depth, device):
     assert out.shape == (*lead, D_out) and out.dtype == dtype and out.device.type == device
     assert acts.shape == ((depth + 1) * M, H)
     grad_out = torch.randn(*lead, D_out, dtype=torch.float64).to(dtype=dtype, device=device)
-    ref_out, ref_grads = expected(params, depth, grad_out)
+    ref_out, ref_grads, bounds = expected(params, depth, grad_out, acts)
     torch.testing.assert_close(out, ref_out, **tol(dtype))
 
     w_h = params[3] if depth else None
     grads = ops.dynamic_net_backward(grad_out, params[0], params[1], w_h, params[5], acts, depth, [True] * 7)
-    assert len(grads) == len(ref_grads) == len(NAMES)
-    for name, g, r in zip(NAMES, grads, ref_grads):
-        assert g.shape == r.shape, name
-        torch.testing.assert_close(g, r, **tol(dtype), msg=lambda m: f"{name}: {m}")
+    assert_grads_close(grads, ref_grads, bounds, dtype)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -211,16 +229,14 @@ def test_non_contiguous_inputs_match_stock(depth, device):
     assert not any(p.is_contiguous() for p in strided)
     out, acts = ops.dynamic_net(*args_at(strided, depth))
     grad_out = torch.randn_like(out)
-    ref_out, ref_grads = expected(params, depth, grad_out)
+    ref_out, ref_grads, bounds = expected(params, depth, grad_out, acts)
     torch.testing.assert_close(out, ref_out, **tol(torch.float64))
     acts_t = acts.t().contiguous().t()
     assert not acts_t.is_contiguous() and torch.equal(acts_t, acts)
     w_h = strided[3] if depth else None
     got = ops.dynamic_net_backward(grad_out.t().contiguous().t(), strided[0], strided[1], w_h, strided[5], acts_t,
                                    depth, [True] * 7)
-    assert len(got) == len(ref_grads) == 7
-    for name, g, r in zip(NAMES, got, ref_grads):
-        torch.testing.assert_close(g, r, **tol(torch.float64), msg=lambda m: f"{name}: {m}")
+    assert_grads_close(got, ref_grads, bounds, torch.float64)
 
 
 # The CUDA network kernels' paths (csrc/cuda/dynamic_net.cuh), on every device. One launch up to

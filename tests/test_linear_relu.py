@@ -7,7 +7,7 @@ from conftest import TOLERANCES, tol
 from dynnet_ext import reference
 
 OPS = torch.ops.dynnet
-# Every test here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
+# Every CPU case here runs on each CPU GEMM engine this machine has (conftest.CPU_GEMM_ISAS).
 pytestmark = pytest.mark.usefixtures("cpu_gemm_isa")
 
 # (leading dims of x, in_features, out_features): zero, one, odd and prime sizes, 3-D input.
@@ -163,15 +163,22 @@ def test_no_input_features_return_the_bias_bits(dtype, activation, device):
 
 
 def test_float64_forward_within_an_ulp_of_stock(device):
-    # Same products, bias added to the GEMM's result once: at small K the fused result differs
-    # from stock's at most by the rounding of a reordered sum. Nearly all entries agree to the
-    # bit; none may be further than 2 ulps away.
+    # Same products, bias added to the GEMM's result once. On the CPU the engine sums in stock's
+    # order at small K: nearly all entries agree to the bit, none is more than 2 ulps away. A GPU's
+    # kernels and cuBLAS each order the K-long sums their own way (the first H200 run failed the
+    # CPU's claim here): each result is within a K-term dot product's rounding bound of the exact
+    # value, so the two are within twice that bound of each other.
     x, w, b = make((16,), 8, 8, torch.float64, device)
     y = OPS.linear_relu(x, w, b, "relu")
     ref = reference.linear_act(x, w, b)
-    ulp = torch.finfo(torch.float64).eps * ref.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    assert ((y - ref).abs() <= 2 * ulp).all()
-    assert (y == ref).float().mean() >= 0.9
+    eps = torch.finfo(torch.float64).eps
+    if device == "cpu":
+        ulp = eps * ref.abs().clamp_min(torch.finfo(torch.float64).tiny)
+        assert ((y - ref).abs() <= 2 * ulp).all()
+        assert (y == ref).float().mean() >= 0.9
+    else:
+        bound = 2 * (x.shape[-1] + 1) * eps * (x.abs() @ w.abs().T + b.abs())
+        assert ((y - ref).abs() <= bound).all()
 
 
 def test_results_are_deterministic(device):

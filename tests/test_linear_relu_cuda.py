@@ -123,9 +123,9 @@ def test_backward(target, shape, dtype, bias, activation):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
 def test_smooth_activations_are_stocks_ops_around_the_none_layer(target, dtype, activation):
     # On CUDA a smooth activation is torch's own op after the 'none' layer, and its backward op
-    # before the 'none' backward, on every path (until a GPU has compared cuBLASLt's GELU
-    # epilogue with it): linear_act's y and z, linear_relu's y, and the backward with z in y's
-    # place are those compositions' bits.
+    # before the 'none' backward, on every path (cuBLASLt's GELU epilogue was up to 1.7e7 float32
+    # ulps from stock's on the H200): linear_act's y and z, linear_relu's y, and the backward with
+    # z in y's place are those compositions' bits.
     x, w, b = make((9, 4), 33, 20, dtype, True, target.device)
     ops = target.ops
     z = ops.linear_relu(x, w, b, "none")
@@ -237,6 +237,20 @@ def test_inf_and_signed_zero(target):
     w = torch.ones(1, 1, device=target.device)
     y = target.ops.linear_relu(x, w, None, "relu")
     assert y.tolist() == [[float("inf")], [0.0], [0.0], [0.0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_no_input_features_return_the_bias_bits(target, dtype, activation):
+    # K = 0 on every path: y = act(bias) with stock's bits - addmm returns its bias term, so a -0
+    # bias stays -0 without an activation (an accumulator's +0 added to it would make it +0),
+    # and the ReLU of it is torch.relu's.
+    x = torch.zeros(2, 0, dtype=dtype, device=target.device)
+    w = torch.ones(3, 0, dtype=dtype, device=target.device)
+    b = torch.tensor([-0.0, 0.0, -1.5], dtype=dtype, device=target.device)
+    y = target.ops.linear_relu(x, w, b, activation)
+    want = reference.linear_act(x, w, b, activation)
+    assert torch.equal(y, want) and torch.equal(y.signbit(), want.signbit()), (y, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

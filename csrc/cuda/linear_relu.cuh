@@ -23,7 +23,7 @@
 //
 // NaN as stock on both paths: ReLU keeps NaN, the backward mask lets gradients through where y
 // is NaN (threshold_backward). The GPU test tests/test_cuda_paths.py::test_lt_relu_epilogue_keeps_nan
-// decides whether cuBLASLt's RELU epilogue may be used (it is not, until then).
+// decides whether cuBLASLt's RELU epilogue may be used (table entry lt_relu_keeps_nan: on the H200, yes).
 //
 // Performance model per path: gemm.cuh (custom) and vendor.cuh (vendor) headers;
 // scripts/gpu_model.py computes the predictions and the default thresholds.
@@ -60,7 +60,9 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor y = new_output(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (layer_path(x.scalar_type(), M, K, N, /*backward=*/false) == paths::Path::Vendor) {
+  // K == 0 (no products): the vendor path's copy of the bias, then torch's ReLU - stock's bits
+  // (a kernel's +0 accumulator added to a -0 bias would give +0).
+  if (K == 0 || layer_path(x.scalar_type(), M, K, N, /*backward=*/false) == paths::Path::Vendor) {
     vendor_linear_forward(y.view({M, N}), x.reshape({M, K}), weight, b, relu);
     return y;
   }
