@@ -9,6 +9,7 @@
 # class, each test's result recorded as it finishes (scripts/gpu_tests.py; JUnit XML);
 # 5. the crossover sweep of the CUDA paths (scripts/cuda_sweep.py: each path forced, float32 /
 # tf32 / bfloat16 / float16, layer and network, seed shapes to 4096^3) writing thresholds.json;
+# 5b. torch.profiler over the cases below stock (scripts/gpu_profile.py, into steps.log);
 # 6. compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over
 # scripts/cuda_sanitize_probe.py, where the runtime supports it, stopping in time to leave the
 # benchmark GPU_CHECK_BENCH_RESERVE seconds (default 150); 7. the GPU benchmarks, with whatever is
@@ -136,6 +137,15 @@ log "== sweep ${dry:-on the GPU} (budget $sweep_budget s, timeout $t s)"
 # shellcheck disable=SC2086  # $dry is one word or none
 timeout "$t" "$PY" scripts/cuda_sweep.py --out "$OUT" --budget "$sweep_budget" $dry 2>&1 | tee -a "$STEPS"
 step_done sweep $?
+
+# ---- 5b. profile ---------------------------------------------------------------------------
+# torch.profiler over the calls the first H200 run found below stock (the GELU MLP in bfloat16 and
+# float32) and one the fused op wins: kernels and host ops of each, fused and stock
+# (scripts/gpu_profile.py; without a GPU a rehearsal on the CPU).
+t=$(allow 45)
+log "== profile (timeout $t s)"
+timeout "$t" "$PY" scripts/gpu_profile.py 2>&1 | grep -v -E "^(USDT|ERROR):" | tee -a "$STEPS"
+step_done profile $?
 
 # ---- 6. compute-sanitizer ------------------------------------------------------------------
 # memcheck, racecheck, synccheck, initcheck over scripts/cuda_sanitize_probe.py (every kernel on
