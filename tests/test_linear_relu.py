@@ -165,9 +165,9 @@ def test_no_input_features_return_the_bias_bits(dtype, activation, device):
 def test_float64_forward_within_an_ulp_of_stock(device):
     # Same products, bias added to the GEMM's result once. On the CPU the engine sums in stock's
     # order at small K: nearly all entries agree to the bit, none is more than 2 ulps away. A GPU's
-    # kernels and cuBLAS each order the K-long sums their own way (the first H200 run failed the
-    # CPU's claim here): each result is within a K-term dot product's rounding bound of the exact
-    # value, so the two are within twice that bound of each other.
+    # kernels and cuBLAS each order the K-long sums their own way (by the order of its output, the
+    # first H200 run failed the CPU's claim here): each result is within a K-term dot product's
+    # rounding bound of the exact value, so the two are within twice that bound of each other.
     x, w, b = make((16,), 8, 8, torch.float64, device)
     y = OPS.linear_relu(x, w, b, "relu")
     ref = reference.linear_act(x, w, b)
