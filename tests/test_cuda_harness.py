@@ -307,6 +307,14 @@ def test_probe_vendor_grad_bias_chunks(H):
         probe_linear(H, *PROBE_VENDOR_CHUNKS, torch.float32)
 
 
+def test_probe_vendor_relu_after_the_gemm(H):
+    # The table's other setting (a GPU whose cuBLASLt ReLU epilogue would not keep NaN; the H200's
+    # does, so the default puts the ReLU there): torch's own ReLU after the GEMM.
+    with cuda_harness.Target("harness", "vendor").forced():  # restores the table too
+        H.set_cuda_dispatch_table({"lt_relu_keeps_nan": False})
+        probe_linear(H, *PROBE_LINEAR[0], torch.float32)
+
+
 @pytest.mark.parametrize("case", PROBE_NET, ids=str)
 def test_probe_dynamic_net(H, probe_path, case):
     probe_net(H, *case)
