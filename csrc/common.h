@@ -37,7 +37,8 @@ inline const char* activation_name(Activation act) {
   return "none";
 }
 
-inline bool is_smooth(Activation act) {
+// constexpr: the CUDA kernels call it too (nvcc's --expt-relaxed-constexpr, which torch's builds pass).
+constexpr bool is_smooth(Activation act) {
   return act == Activation::Gelu || act == Activation::GeluTanh || act == Activation::Silu;
 }
 
@@ -54,9 +55,10 @@ inline void check_backward_saved(Activation act, bool has_saved) {
               "(linear_act's second output) for 'gelu', 'gelu_tanh' and 'silu'");
 }
 
-// A smooth activation and its backward with stock's ops: the CUDA kernels' (torch's own activation
-// after the GEMM: on the H200 cuBLASLt's GELU epilogue was up to 1.7e7 ulps from it), the CPU's where ATen
-// runs the GEMMs (large products, float64, a CPU without AVX2), and the recorded backward's.
+// A smooth activation and its backward with stock's ops: the CUDA vendor path's forward (torch's own
+// activation after the GEMM: on the H200 cuBLASLt's GELU epilogue was up to 1.7e7 ulps from it), the
+// CPU's where ATen runs the GEMMs (large products, float64, a CPU without AVX2), and the recorded
+// backward's.
 inline void stock_activation_out(at::Tensor& y, const at::Tensor& z, Activation act) {  // y = act(z); y may be z
   if (act == Activation::Silu) {
     at::silu_out(y, z);

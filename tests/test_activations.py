@@ -329,14 +329,16 @@ def test_activation_and_derivative_within_float32_ulps_of_exact(activation, devi
     # what rounding an intermediate argument costs any float32 evaluation: gelu_tanh's u in its
     # left tail), within 2^-110 below that. Derivative: within (8 + 2 cond) ulp + 2^-22 (its
     # zeros, e.g. GELU's at x = -0.75, are a cancellation of O(1) terms: absolute error there).
-    # On CUDA the activation is torch's own op after the GEMM (csrc/cuda/linear_relu.cuh): its bits.
+    # On CUDA the kernels compute stock's CUDA formulas (csrc/cuda/activation.cuh), so they are held
+    # to stock's op (within float32 tolerance: the compiler may contract them into FMAs otherwise).
     script = _accuracy_script()
     x = torch.linspace(-20, 20, 400_001, device=device)
     with ran(*KERNELS, device=device):
         y, d = script.with_derivative(script.layer(activation), x)
     if device == "cuda":
         want_y, want_d = script.with_derivative(lambda v: reference.activation(v, activation), x)
-        assert torch.equal(y, want_y) and torch.equal(d, want_d)
+        torch.testing.assert_close(y, want_y, **tol(torch.float32))
+        torch.testing.assert_close(d, want_d, **tol(torch.float32))
         return
     e = script.errors(x, activation, y, d)
     normal = e["f"].abs() >= script.TINY

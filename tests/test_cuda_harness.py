@@ -219,9 +219,9 @@ def test_planted_bugs_ignore_comments(path):
 
 
 def test_planted_bug_whose_code_changed_stops_the_build():
-    text = _source("cuda/gemm.cuh").replace("m[e] <= acc_t(0)", "m[e] <= acc_t(0.0)")
-    with pytest.raises(RuntimeError, match="planted bug gemm-mask-flipped: its code no longer occurs once"):
-        planted.plant(text, "cuda/gemm.cuh")
+    text = _source("cuda/activation.cuh").replace("s <= acc_t(0)", "s <= acc_t(0.0)")
+    with pytest.raises(RuntimeError, match="planted bug relu-mask-flipped: its code no longer occurs once"):
+        planted.plant(text, "cuda/activation.cuh")
 
 
 def test_code_only_blanks_comments_and_keeps_offsets():
@@ -268,6 +268,20 @@ def probe_linear(ops, lead, k, n, dtype):
     return y
 
 
+def probe_linear_act(ops, lead, k, n, dtype, activation):
+    """linear_act forward (y and the pre-activation z) and backward from z against the reference."""
+    x, w, b = _linear_params(lead, k, n, dtype)
+    y, z = ops.linear_act(x, w, b, activation)
+    torch.testing.assert_close(z, reference.linear_act(x, w, b, "none"), **tol(dtype), msg=lambda m: f"z: {m}")
+    torch.testing.assert_close(y, reference.linear_act(x, w, b, activation), **tol(dtype), msg=lambda m: f"y: {m}")
+    gy = torch.randn_like(y)
+    want = reference.linear_act_backward(gy, x, w, b, activation)
+    for name, g, r in zip("xwb", ops.linear_relu_backward(gy, x, w, z, activation, [True, True, True]), want):
+        torch.testing.assert_close(g, r, **tol(dtype), msg=lambda m, name=name: f"grad_{name}: {m}")
+    gb = ops.linear_relu_backward(gy, x, w, z, activation, [False, False, True])[2]
+    torch.testing.assert_close(gb, want[2], **tol(dtype), msg=lambda m: f"grad_b alone: {m}")
+
+
 def _net_params(lead, D_in, H, D_out, dtype):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
@@ -300,6 +314,12 @@ def probe_path(request, H):
 @pytest.mark.parametrize("shape", PROBE_LINEAR, ids=str)
 def test_probe_linear_relu(H, probe_path, shape):
     probe_linear(H, *shape, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", PROBE_LINEAR, ids=str)
+def test_probe_linear_act(H, probe_path, shape, activation):
+    probe_linear_act(H, *shape, torch.float32, activation)
 
 
 def test_probe_vendor_grad_bias_chunks(H):

@@ -472,13 +472,13 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
     GemmGroupBuilder<scalar_t> group;
     group.gemm(Role::GradWeight, Gp, nullptr, x2.const_data_ptr<scalar_t>(), nullptr, gw_in.data_ptr<scalar_t>(), H,
-               D_in, M, false);
-    group.gemm(Role::GradWeight, Gp + M * H, nullptr, ap, nullptr, gw_h.data_ptr<scalar_t>(), H, H, depth * M, false);
+               D_in, M, Activation::None);
+    group.gemm(Role::GradWeight, Gp + M * H, nullptr, ap, nullptr, gw_h.data_ptr<scalar_t>(), H, H, depth * M, Activation::None);
     group.gemm(Role::GradWeight, go.const_data_ptr<scalar_t>(), nullptr, ap + depth * M * H, nullptr,
-               gw_out.data_ptr<scalar_t>(), D_out, H, M, false);
-    group.colsum(Gp, nullptr, gb_in.data_ptr<scalar_t>(), M, H, false);
-    group.colsum(Gp + M * H, nullptr, gb_h.data_ptr<scalar_t>(), depth * M, H, false);
-    group.colsum(go.const_data_ptr<scalar_t>(), nullptr, gb_out.data_ptr<scalar_t>(), M, D_out, false);
+               gw_out.data_ptr<scalar_t>(), D_out, H, M, Activation::None);
+    group.colsum(Gp, nullptr, gb_in.data_ptr<scalar_t>(), M, H, Activation::None);
+    group.colsum(Gp + M * H, nullptr, gb_h.data_ptr<scalar_t>(), depth * M, H, Activation::None);
+    group.colsum(go.const_data_ptr<scalar_t>(), nullptr, gb_out.data_ptr<scalar_t>(), M, D_out, Activation::None);
     group.run();
   });
   return outputs(gx, gw_in, gb_in, gw_h, gb_h, gw_out, gb_out);

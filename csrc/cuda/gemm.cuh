@@ -3,9 +3,10 @@
 // up to kMaxProblems problems, each block one tile of one of them, so a layer's whole backward
 // (grad_x, grad_weight, grad_bias) or the network's six weight and bias gradients are ONE launch.
 //
-// Problems (row-major, contiguous operands; g = (y <= 0 ? 0 : grad_y) when masked, else grad_y):
+// Problems (row-major, contiguous operands; g = the gradient at the pre-activation: grad_y masked
+// by ReLU's y, or grad_y * act'(z) for a smooth activation (activation.cuh), else grad_y itself):
 //   role        C        rows cols red   A(i, l)       B(l, j)        epilogue
-//   Forward     y        M    N    K     x2[i, l]      weight[j, l]   + bias[j], ReLU (v < 0 ? 0 : v)
+//   Forward     y        M    N    K     x2[i, l]      weight[j, l]   + bias[j], the activation
 //   GradInput   grad_x   M    K    N     g[i, l]       weight[l, j]   -
 //   GradWeight  grad_w   N    K    M     g[l, i]       x2[l, j]       -
 //   ColSum      out      -    cols red   -             -              out[j] = sum_l g[l, j]
@@ -78,6 +79,7 @@
 #include <cstring>
 
 #include "../common.h"
+#include "activation.cuh"
 #include "paths.h"
 #include "runtime.cuh"
 
@@ -116,14 +118,15 @@ constexpr bool b_reduction_contiguous(Role r) { return r == Role::Forward; }
 template <typename scalar_t>
 struct GroupProblem {
   const scalar_t* a;     // A (ColSum: the summed matrix, red x cols)
-  const scalar_t* y;     // the ReLU mask's source, laid out as a (masked roles with relu)
+  const scalar_t* y;     // gradient roles with an activation: its saved tensor (ReLU's y, a smooth one's z), laid out as a
   const scalar_t* b;     // B
   const scalar_t* bias;  // Forward: added in the epilogue, or null
   scalar_t* c;           // C, rows x cols, contiguous (ColSum: cols sums)
+  scalar_t* z;           // Forward with a smooth activation: the pre-activation's output (as C), or null
   int64_t rows, cols, red;
   int64_t row_tiles;     // set by GemmGroupBuilder::run
   Role role;
-  bool relu;             // Forward: ReLU epilogue. Other roles: mask a where y <= 0
+  Activation act;        // Forward: applied in the epilogue. Other roles: a is grad_y, turned into g with y
   bool vec_a, vec_b;     // 4-element vector loads allowed (rows of a multiple of 4, base aligned)
 };
 
@@ -172,11 +175,14 @@ struct OperandMap {
 };
 
 // Reads thread t's quads of the tile whose output indices start at o0 and reduction indices at
-// k0; zero outside the operand. With y, an element is zeroed where y's is <= 0 (kept where NaN).
+// k0; zero outside the operand. With y (p is then grad_y), each element becomes the gradient at
+// the pre-activation of `act` (pre_activation_grad: ReLU's mask by y, or a smooth activation's
+// derivative at z = y's element).
 template <int kW, bool kRedContig, class T, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_operand(acc_t (&reg)[OperandMap<kW, kRedContig, T>::kPasses][4],
-                                             const scalar_t* __restrict__ p, const scalar_t* __restrict__ y, bool vec,
-                                             int64_t extent, int64_t red, int64_t o0, int64_t k0, int t) {
+                                             const scalar_t* __restrict__ p, const scalar_t* __restrict__ y,
+                                             Activation act, bool vec, int64_t extent, int64_t red, int64_t o0,
+                                             int64_t k0, int t) {
   using Map = OperandMap<kW, kRedContig, T>;
   const int q = t % Map::kQuads, first = t / Map::kQuads;
   const int64_t row_len = kRedContig ? red : extent;  // the operand's contiguous dimension
@@ -196,7 +202,7 @@ __device__ __forceinline__ void load_operand(acc_t (&reg)[OperandMap<kW, kRedCon
             acc_t m[4];
             load_quad(m, y + offset);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) v[e] = m[e] <= acc_t(0) ? acc_t(0) : v[e];
+            for (int e = 0; e < 4; ++e) v[e] = pre_activation_grad<scalar_t>(act, v[e], m[e]);
           }
         }
       } else {
@@ -204,7 +210,7 @@ __device__ __forceinline__ void load_operand(acc_t (&reg)[OperandMap<kW, kRedCon
         for (int e = 0; e < 4; ++e) {
           if (col + e < row_len) {
             v[e] = static_cast<acc_t>(p[offset + e]);
-            if (y != nullptr) v[e] = static_cast<acc_t>(y[offset + e]) <= acc_t(0) ? acc_t(0) : v[e];
+            if (y != nullptr) v[e] = pre_activation_grad<scalar_t>(act, v[e], static_cast<acc_t>(y[offset + e]));
           }
         }
       }
@@ -236,15 +242,22 @@ __device__ __forceinline__ void store_operand(acc_t (*s)[kW + 1],
 
 // ---- one tile ---------------------------------------------------------------------------------
 
+// A smooth activation is computed from z rounded to the dtype, as stock's op after F.linear is.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_output(const GroupProblem<scalar_t>& p, int64_t row, int64_t col, acc_t v,
                                              bool forward) {
   if (row >= p.rows || col >= p.cols) return;
+  const int64_t at = row * p.cols + col;
   if (forward) {
     if (p.bias != nullptr) v += static_cast<acc_t>(p.bias[col]);
-    if (p.relu) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
+    if (p.act == Activation::Relu) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
+    if (is_smooth(p.act)) {
+      const scalar_t z = static_cast<scalar_t>(v);
+      if (p.z != nullptr) p.z[at] = z;
+      v = smooth_value(p.act, static_cast<acc_t>(z));
+    }
   }
-  p.c[row * p.cols + col] = static_cast<scalar_t>(v);
+  p.c[at] = static_cast<scalar_t>(v);
 }
 
 // One kBM x kBN tile of C (`tile` numbers the tiles column-major, row tiles fastest, so
@@ -264,7 +277,7 @@ __device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64
   const int64_t r0 = (tile % p.row_tiles) * T::kBM, c0 = (tile / p.row_tiles) * T::kBN;
   acc_t(*As)[T::kBM + 1] = reinterpret_cast<acc_t(*)[T::kBM + 1]>(smem + group * D::kStage);
   acc_t(*Bs)[T::kBN + 1] = reinterpret_cast<acc_t(*)[T::kBN + 1]>(smem + group * D::kStage + D::kStageA);
-  const scalar_t* mask = kRole != Role::Forward && p.relu ? p.y : nullptr;
+  const scalar_t* saved = kRole != Role::Forward ? p.y : nullptr;  // null without an activation
 
   // This group's contiguous chunk of the reduction: slices [first_slice, first_slice + slices).
   // Every group runs the same number of rounds (the block's barriers are shared); a slice past
@@ -281,9 +294,9 @@ __device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64
 
   acc_t a_reg[MapA::kPasses][4], b_reg[MapB::kPasses][4];
   if (slices > 0) {
-    load_operand<T::kBM, kARed, T>(a_reg, p.a, mask, p.vec_a, p.rows, p.red, r0, k_first, t);
-    load_operand<T::kBN, kBRed, T>(b_reg, p.b, static_cast<const scalar_t*>(nullptr), p.vec_b, p.cols, p.red, c0,
-                                   k_first, t);
+    load_operand<T::kBM, kARed, T>(a_reg, p.a, saved, p.act, p.vec_a, p.rows, p.red, r0, k_first, t);
+    load_operand<T::kBN, kBRed, T>(b_reg, p.b, static_cast<const scalar_t*>(nullptr), p.act, p.vec_b, p.cols, p.red,
+                                   c0, k_first, t);
   }
   for (int64_t s = 0; s < slices; ++s) {
     store_operand<T::kBM, kARed, T>(As, a_reg, t);
@@ -291,9 +304,9 @@ __device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64
     __syncthreads();
     if (s + 1 < slices) {  // the next slice's loads are in flight during this slice's FMAs
       const int64_t k0 = k_first + (s + 1) * T::kBK;
-      load_operand<T::kBM, kARed, T>(a_reg, p.a, mask, p.vec_a, p.rows, p.red, r0, k0, t);
-      load_operand<T::kBN, kBRed, T>(b_reg, p.b, static_cast<const scalar_t*>(nullptr), p.vec_b, p.cols, p.red, c0,
-                                     k0, t);
+      load_operand<T::kBM, kARed, T>(a_reg, p.a, saved, p.act, p.vec_a, p.rows, p.red, r0, k0, t);
+      load_operand<T::kBN, kBRed, T>(b_reg, p.b, static_cast<const scalar_t*>(nullptr), p.act, p.vec_b, p.cols,
+                                     p.red, c0, k0, t);
     }
 #pragma unroll
     for (int k = 0; k < T::kBK; ++k) {
@@ -336,14 +349,15 @@ __device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64
 
 // ---- column sums ------------------------------------------------------------------------------
 
-// Sums of columns col0 .. col0 + 31 of g (rows [row_begin, row_end) of a, masked by y when y is
-// not null; row stride `cols`) in a fixed order: warp w takes rows row_begin + w, + 8, .. in order,
+// Sums of columns col0 .. col0 + 31 of g (rows [row_begin, row_end) of a; with y, the gradient at
+// the pre-activation of `act` as load_operand makes it; row stride `cols`) in a fixed order: warp w takes rows row_begin + w, + 8, .. in order,
 // then the 8 partials are added in warp order. Optionally writes g itself to g_out (same layout).
 // Returns, in the lanes of warp 0, the sum of column col0 + lane (other threads: unspecified).
 // partial: kThreads values of shared memory. Called by all 256 threads.
 template <typename scalar_t>
 __device__ __forceinline__ at::acc_type<scalar_t, false> column_sums(
-    const scalar_t* __restrict__ a, const scalar_t* __restrict__ y, scalar_t* __restrict__ g_out, int64_t cols,
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ y, Activation act, scalar_t* __restrict__ g_out,
+    int64_t cols,
     int64_t row_begin, int64_t row_end, int64_t col0, at::acc_type<scalar_t, false>* partial) {
   using sum_t = at::acc_type<scalar_t, false>;
   using op_t = at::opmath_type<scalar_t>;
@@ -356,8 +370,8 @@ __device__ __forceinline__ at::acc_type<scalar_t, false> column_sums(
       const int64_t at = l * cols + col;
       // Widened exactly as the GEMM's tiles are, so both add the same values.
       op_t v = static_cast<op_t>(a[at]);
-      if (y != nullptr) v = static_cast<op_t>(y[at]) <= op_t(0) ? op_t(0) : v;
-      if (g_out != nullptr) g_out[at] = static_cast<scalar_t>(v);  // exact: v is a's value or 0
+      if (y != nullptr) v = pre_activation_grad<scalar_t>(act, v, static_cast<op_t>(y[at]));
+      if (g_out != nullptr) g_out[at] = static_cast<scalar_t>(v);  // exact: v is already rounded to scalar_t
       sum += static_cast<sum_t>(v);
     }
   }
@@ -397,8 +411,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_group_kernel(const GemmGroup
     case Role::GradWeight: gemm_tile<scalar_t, T, Role::GradWeight>(p, local, smem); break;
     case Role::ColSum: {
       const int64_t col0 = local * kColSumCols;
-      const sum_t total = column_sums(p.a, p.relu ? p.y : nullptr, static_cast<scalar_t*>(nullptr), p.cols, 0, p.red,
-                                      col0, reinterpret_cast<sum_t*>(smem));
+      const sum_t total = column_sums(p.a, p.y, p.act, static_cast<scalar_t*>(nullptr), p.cols, 0, p.red, col0,
+                                      reinterpret_cast<sum_t*>(smem));
       if (threadIdx.x < 32 && col0 + threadIdx.x < p.cols) p.c[col0 + threadIdx.x] = static_cast<scalar_t>(total);
       break;
     }
@@ -430,13 +444,14 @@ template <typename scalar_t>
 class GemmGroupBuilder {
  public:
   // C (rows x cols) = sum over red of A(i, l) B(l, j) for `role` (table at the top), with the
-  // role's epilogue; relu: the Forward ReLU, or the mask of a by y. Skipped when C is empty.
+  // role's epilogue; act: the Forward's activation (z: where a smooth one's pre-activation goes,
+  // or null), or the gradient roles' (a is grad_y, y its saved tensor). Skipped when C is empty.
   void gemm(Role role, const scalar_t* a, const scalar_t* y, const scalar_t* b, const scalar_t* bias, scalar_t* c,
-            int64_t rows, int64_t cols, int64_t red, bool relu) {
+            int64_t rows, int64_t cols, int64_t red, Activation act, scalar_t* z = nullptr) {
     if (rows == 0 || cols == 0) return;
     GroupProblem<scalar_t> q{};
-    q.role = role, q.a = a, q.y = relu ? y : nullptr, q.b = b, q.bias = bias, q.c = c;
-    q.rows = rows, q.cols = cols, q.red = red, q.relu = relu;
+    q.role = role, q.a = a, q.y = saved_of(role, act, y), q.b = b, q.bias = bias, q.c = c, q.z = z;
+    q.rows = rows, q.cols = cols, q.red = red, q.act = act;
     const int64_t a_row = a_reduction_contiguous(role) ? red : rows, b_row = b_reduction_contiguous(role) ? red : cols;
     q.vec_a = quad_loads_ok(a, a_row) && (q.y == nullptr || quad_loads_ok(q.y, a_row));
     q.vec_b = quad_loads_ok(b, b_row);
@@ -444,16 +459,22 @@ class GemmGroupBuilder {
     wide_tiles_ += ceil_div<int64_t>(rows, WideTile::kBM) * ceil_div<int64_t>(cols, WideTile::kBN);
   }
 
-  // out[j] = sum over the red rows of g[l][j] (g = a, masked by y where relu), j < cols.
-  void colsum(const scalar_t* a, const scalar_t* y, scalar_t* out, int64_t red, int64_t cols, bool relu) {
+  // out[j] = sum over the red rows of g[l][j] (g from a = grad_y and y as for the gradient roles),
+  // j < cols.
+  void colsum(const scalar_t* a, const scalar_t* y, scalar_t* out, int64_t red, int64_t cols, Activation act) {
     if (cols == 0) return;
     GroupProblem<scalar_t> q{};
-    q.role = Role::ColSum, q.a = a, q.y = relu ? y : nullptr, q.c = out;
-    q.rows = 1, q.cols = cols, q.red = red, q.relu = relu;
+    q.role = Role::ColSum, q.a = a, q.y = saved_of(Role::ColSum, act, y), q.c = out;
+    q.rows = 1, q.cols = cols, q.red = red, q.act = act;
     add(q);
   }
 
   bool empty() const { return group_.count == 0; }
+
+  // The saved tensor a gradient role reads: none for 'none' (g is grad_y) nor for the forward.
+  static const scalar_t* saved_of(Role role, Activation act, const scalar_t* y) {
+    return role != Role::Forward && act != Activation::None ? y : nullptr;
+  }
 
   void run() {
     if (empty()) return;

@@ -4,20 +4,23 @@
 // translation unit of each build.
 //
 // Forward, x2 = x viewed as (M, K), weight (N, K), bias (N):   y = act(x2 @ weight.T + bias)
-// GELU, GELU-tanh and SiLU (smooth; linear_act returns z beside y): the 'none' layer, then
-// torch's own activation op after it, and its backward op before the 'none' backward - until a
-// GPU has compared cuBLASLt's GELU epilogues and this project's own with stock.
-// Backward, g = (y <= 0 ? 0 : grad_y) for 'relu' (grad_y for 'none'):
+// GELU, GELU-tanh and SiLU (smooth; linear_act returns z beside y): activation.cuh's forms,
+// which are stock's CUDA kernels'; the backward takes z in y's place.
+// Backward, g = (y <= 0 ? 0 : grad_y) for 'relu', grad_y * act'(z) for a smooth activation
+// (grad_y for 'none'):
 //   grad_x = g @ weight (M, K),  grad_weight = g.T @ x2 (N, K),  grad_bias = sum_m g[m, :] (N)
 //
 // Each call takes one of two paths (paths.h: the rule, its table, DYNNET_EXT_CUDA_PATH):
-//   custom   gemm.cuh's kernel, ONE launch a call: the forward's tiles with bias and ReLU in the
-//            epilogue; the backward's grad_x tiles, grad_weight tiles and grad_bias column-sum
-//            blocks in the same grid (the mask applied as grad_y's tiles are loaded: g is never
-//            written). Latency-bound shapes: the seed's layers, small batches.
+//   custom   gemm.cuh's kernel, ONE launch a call: the forward's tiles with bias and the
+//            activation in the epilogue (a smooth one's z written beside y for linear_act); the
+//            backward's grad_x tiles, grad_weight tiles and grad_bias column-sum blocks in the
+//            same grid (ReLU's mask or the smooth activation's derivative applied as grad_y's
+//            tiles are loaded: g is never written). Latency-bound shapes: the seed's layers,
+//            small batches.
 //   vendor   vendor.cuh: cuBLAS(Lt) GEMMs with the bias (and, where proven NaN-safe, the ReLU)
-//            in the epilogue; the backward's mask and grad_bias in one pass of ours, then two
-//            cuBLAS GEMMs. FLOP-bound shapes, and half types beyond small sizes (tensor cores).
+//            in the epilogue, a smooth activation torch's own op after it; the backward's g
+//            (mask or derivative) and grad_bias in one pass of ours, then two cuBLAS GEMMs.
+//            FLOP-bound shapes, and half types beyond small sizes (tensor cores).
 // Both are deterministic: every output element and bias entry is reduced in a fixed order.
 // grad_bias accumulates in at::acc_type<scalar_t, false> (double for float32) on both paths.
 //
@@ -39,41 +42,51 @@
 #include "vendor.cuh"
 
 namespace dynnet {
+namespace {
 
-at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            c10::string_view activation) {
-  check_linear_args(x, weight, bias);
-  const Activation act = parse_activation(activation);
-  if (is_smooth(act)) {
-    at::Tensor y = linear_relu_cuda(x, weight, bias, "none");
-    stock_activation_out(y, y, act);
-    return y;
-  }
+// The forward into y (allocated in the output's shape), and into z, when defined, a smooth
+// activation's pre-activation (the same shape).
+void linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         Activation act, at::Tensor y, at::Tensor z) {
   const DeviceScope scope(x, "linear_relu");
   count_kernel_call(KernelOp::LinearRelu, c10::DeviceType::CUDA);
-
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = leading_rows(x);
-  const bool relu = act == Activation::Relu;
-  // Allocated in its final shape: the op returns a tensor that is nobody's view (autograd
-  // forbids in-place changes to views made inside a custom Function).
-  at::Tensor y = new_output(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   // K == 0 (no products): the vendor path's copy of the bias, then torch's ReLU - stock's bits
   // (a kernel's +0 accumulator added to a -0 bias would give +0).
   if (K == 0 || layer_path(x.scalar_type(), M, K, N, /*backward=*/false) == paths::Path::Vendor) {
-    vendor_linear_forward(y.view({M, N}), x.reshape({M, K}), weight, b, relu);
-    return y;
+    at::Tensor linear = z.defined() ? z : y;
+    vendor_linear_forward(linear.view({M, N}), x.reshape({M, K}), weight, b, act == Activation::Relu);
+    if (is_smooth(act)) stock_activation_out(y, linear, act);  // in place on y when there is no z
+    return;
   }
   const at::Tensor x2 = x.reshape({M, K}).contiguous();
   const at::Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_cuda", [&] {
     GemmGroupBuilder<scalar_t> group;
     group.gemm(Role::Forward, x2.const_data_ptr<scalar_t>(), nullptr, w.const_data_ptr<scalar_t>(),
-               b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, N, K, relu);
+               b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, N, K, act,
+               z.defined() ? z.data_ptr<scalar_t>() : nullptr);
     group.run();
   });
+}
+
+// The forward's output, allocated in its final shape: the op returns a tensor that is nobody's
+// view (autograd forbids in-place changes to views made inside a custom Function).
+at::Tensor new_linear_output(const at::Tensor& x, const at::Tensor& weight) {
+  return new_output(linear_out_shape(x, weight), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace
+
+at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::string_view activation) {
+  check_linear_args(x, weight, bias);
+  const Activation act = parse_activation(activation);
+  at::Tensor y = new_linear_output(x, weight);
+  linear_forward_cuda(x, weight, bias, act, y, at::Tensor());
   return y;
 }
 
@@ -82,9 +95,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cuda(const at::Tensor& x, const at
   check_linear_args(x, weight, bias);
   const Activation act = parse_activation(activation);
   check_smooth(act, activation);
-  at::Tensor z = linear_relu_cuda(x, weight, bias, "none");
-  at::Tensor y = at::empty_like(z);
-  stock_activation_out(y, z, act);
+  at::Tensor y = new_linear_output(x, weight), z = new_linear_output(x, weight);
+  linear_forward_cuda(x, weight, bias, act, y, z);
   return {y, z};
 }
 
@@ -94,9 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   const Activation act = parse_activation(activation);
   check_backward_saved(act, y.has_value());
   check_linear_backward_args(grad_y, x, weight, y.has_value() ? *y : grad_y);
-  if (is_smooth(act))  // y is z
-    return linear_relu_backward_cuda(stock_activation_backward(grad_y, *y, act), x, weight, std::nullopt, "none",
-                                     output_mask);
   const DeviceScope scope(x, "linear_relu_backward");
   count_kernel_call(KernelOp::LinearReluBackward, c10::DeviceType::CUDA);
 
@@ -111,24 +120,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   const bool any = (need_gx && gx.numel() > 0) || (need_gw && gw.numel() > 0) || (need_gb && N > 0);
   if (!any) return {gx, gw, gb};
 
-  const bool relu = act == Activation::Relu;
   const at::Tensor gy2 = grad_y.reshape({M, N}).contiguous();
-  const at::Tensor y2 = relu ? y->reshape({M, N}).contiguous() : at::Tensor();
+  // The activation's saved tensor: ReLU's y, a smooth activation's z; none for 'none'.
+  const at::Tensor s2 = act != Activation::None ? y->reshape({M, N}).contiguous() : at::Tensor();
   const bool vendor = layer_path(x.scalar_type(), M, K, N, /*backward=*/true) == paths::Path::Vendor;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cuda", [&] {
     if (vendor) {
-      vendor_linear_backward<scalar_t>(gy2, y2, x.reshape({M, K}), weight, need_gx ? gx.view({M, K}) : at::Tensor(),
-                                       need_gw ? gw : at::Tensor(), need_gb ? gb : at::Tensor());
+      vendor_linear_backward<scalar_t>(gy2, s2, act, x.reshape({M, K}), weight,
+                                       need_gx ? gx.view({M, K}) : at::Tensor(), need_gw ? gw : at::Tensor(),
+                                       need_gb ? gb : at::Tensor());
       return;
     }
     const at::Tensor w = need_gx ? weight.contiguous() : at::Tensor();
     const at::Tensor x2 = need_gw ? x.reshape({M, K}).contiguous() : at::Tensor();
     const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
-    const scalar_t* yp = relu ? y2.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = s2.defined() ? s2.const_data_ptr<scalar_t>() : nullptr;
     GemmGroupBuilder<scalar_t> group;
-    if (need_gx) group.gemm(Role::GradInput, gyp, yp, w.const_data_ptr<scalar_t>(), nullptr, gx.data_ptr<scalar_t>(), M, K, N, relu);
-    if (need_gw) group.gemm(Role::GradWeight, gyp, yp, x2.const_data_ptr<scalar_t>(), nullptr, gw.data_ptr<scalar_t>(), N, K, M, relu);
-    if (need_gb) group.colsum(gyp, yp, gb.data_ptr<scalar_t>(), M, N, relu);
+    if (need_gx) group.gemm(Role::GradInput, gyp, sp, w.const_data_ptr<scalar_t>(), nullptr, gx.data_ptr<scalar_t>(), M, K, N, act);
+    if (need_gw) group.gemm(Role::GradWeight, gyp, sp, x2.const_data_ptr<scalar_t>(), nullptr, gw.data_ptr<scalar_t>(), N, K, M, act);
+    if (need_gb) group.colsum(gyp, sp, gb.data_ptr<scalar_t>(), M, N, act);
     group.run();
   });
   return {gx, gw, gb};

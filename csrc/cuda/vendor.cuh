@@ -11,13 +11,17 @@
 //                                 give 0); otherwise torch's own ReLU in place on y (one more pass,
 //                                 as stock nn.Linear + nn.ReLU make). K = 0 never uses the epilogue
 //                                 (ATen returns the bias before applying it).
+//   GELU, GELU-tanh, SiLU         torch's own op after the GEMM (activation.cuh: cuBLASLt's GELU
+//                                 epilogues are not stock's GELU)
 // Backward:
-//   g = mask(grad_y), grad_bias   ONE pass (masked_grad_kernel): reads grad_y and y once, writes g
-//                                 (only if a GEMM needs it) and grad_bias = column sums of g, in a
-//                                 fixed order (no atomics: bitwise reproducible)
+//   g, grad_bias                  ONE pass (masked_grad_kernel): reads grad_y and the saved tensor
+//                                 once (ReLU's y: g = mask(grad_y); a smooth activation's z:
+//                                 g = grad_y * act'(z), activation.cuh), writes g (only if a GEMM
+//                                 needs it) and grad_bias = column sums of g, in a fixed order (no
+//                                 atomics: bitwise reproducible)
 //   grad_x = g @ weight           cuBLAS
 //   grad_w = g.T @ x2             cuBLAS
-// Without ReLU, g is grad_y itself and the pass only sums. Empty dimensions never reach cuBLAS:
+// Without an activation ('none'), g is grad_y itself and the pass only sums. Empty dimensions never reach cuBLAS:
 // a zero-length reduction writes zeros (or the bias) directly.
 //
 // Column sums (masked_grad_kernel): blocks of 256 threads own 32 columns (gemm.cuh's column_sums:
@@ -81,14 +85,15 @@ constexpr int64_t kMinRowsPerSplit = 256;  // a chunk of fewer rows costs more t
 // into grad_bias when there is one chunk, else into partials[chunk][col].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    masked_grad_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ y, scalar_t* __restrict__ g,
+    masked_grad_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ y, Activation act,
+                       scalar_t* __restrict__ g,
                        scalar_t* __restrict__ grad_bias, at::acc_type<scalar_t, false>* __restrict__ partials,
                        int64_t M, int64_t N, int64_t rows_per_chunk) {
   using sum_t = at::acc_type<scalar_t, false>;
   __shared__ sum_t partial[kThreads];
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kColSumCols, chunk = blockIdx.y;
   const int64_t begin = chunk * rows_per_chunk, end = M < begin + rows_per_chunk ? M : begin + rows_per_chunk;
-  const sum_t total = column_sums(grad_y, y, g, N, begin, end, col0, partial);
+  const sum_t total = column_sums(grad_y, y, act, g, N, begin, end, col0, partial);
   const int64_t col = col0 + threadIdx.x;
   if (threadIdx.x < 32 && col < N) {
     if (partials != nullptr) {
@@ -120,11 +125,12 @@ inline int64_t column_sum_chunks(int64_t M, int64_t N) {
   return std::clamp<int64_t>(std::min(wanted, ceil_div<int64_t>(M, kMinRowsPerSplit)), 1, 65535);
 }
 
-// The pass: g (if not null) = mask(grad_y) (or grad_y, y null), grad_bias (if not null) = column
-// sums of it. grad_y, y, g: (M, N) contiguous.
+// The pass: g (if not null) = the gradient at the pre-activation of `act` from grad_y and its
+// saved tensor y (or grad_y, y null), grad_bias (if not null) = column sums of it. grad_y, y, g:
+// (M, N) contiguous.
 template <typename scalar_t>
-void masked_grad(const scalar_t* grad_y, const scalar_t* y, scalar_t* g, scalar_t* grad_bias, int64_t M, int64_t N,
-                 const at::TensorOptions& options) {
+void masked_grad(const scalar_t* grad_y, const scalar_t* y, Activation act, scalar_t* g, scalar_t* grad_bias,
+                 int64_t M, int64_t N, const at::TensorOptions& options) {
   if (N == 0 || (g == nullptr && grad_bias == nullptr)) return;
   // Only g to write: chunks of kMinRowsPerSplit rows, for bandwidth.
   const int64_t wanted = grad_bias != nullptr ? column_sum_chunks(M, N)
@@ -138,13 +144,13 @@ void masked_grad(const scalar_t* grad_y, const scalar_t* y, scalar_t* g, scalar_
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used));
   using sum_t = at::acc_type<scalar_t, false>;
   if (used == 1 || grad_bias == nullptr) {
-    launch<masked_grad_kernel<scalar_t>>(grid, kThreads, 0, grad_y, y, g, grad_bias, static_cast<sum_t*>(nullptr), M,
-                                         N, rows_per_chunk);
+    launch<masked_grad_kernel<scalar_t>>(grid, kThreads, 0, grad_y, y, act, g, grad_bias,
+                                         static_cast<sum_t*>(nullptr), M, N, rows_per_chunk);
     return;
   }
   at::Tensor partials = new_output({used, N}, options.dtype(c10::CppTypeToScalarType<sum_t>::value));
   sum_t* pp = partials.data_ptr<sum_t>();
-  launch<masked_grad_kernel<scalar_t>>(grid, kThreads, 0, grad_y, y, g, grad_bias, pp, M, N, rows_per_chunk);
+  launch<masked_grad_kernel<scalar_t>>(grid, kThreads, 0, grad_y, y, act, g, grad_bias, pp, M, N, rows_per_chunk);
   launch<sum_partials_kernel<scalar_t>>(grid_1d(ceil_div<int64_t>(N, kThreads), "grad_bias"), kThreads, 0, pp,
                                         grad_bias, N, used);
 }
@@ -187,19 +193,20 @@ inline void vendor_linear_forward(const at::Tensor& y2, const at::Tensor& x2, co
   }
 }
 
-// The backward: gx2 (M, K), gw (N, K), gb (N) - each undefined when not asked for. gy2 and y2
-// (M, N) contiguous; y2 undefined without ReLU.
+// The backward: gx2 (M, K), gw (N, K), gb (N) - each undefined when not asked for. gy2 and s2
+// (M, N) contiguous; s2 the activation's saved tensor (ReLU's y, a smooth activation's z),
+// undefined for 'none'.
 template <typename scalar_t>
-void vendor_linear_backward(const at::Tensor& gy2, const at::Tensor& y2, const at::Tensor& x2, const at::Tensor& w,
-                            const at::Tensor& gx2, const at::Tensor& gw, const at::Tensor& gb) {
+void vendor_linear_backward(const at::Tensor& gy2, const at::Tensor& s2, Activation act, const at::Tensor& x2,
+                            const at::Tensor& w, const at::Tensor& gx2, const at::Tensor& gw, const at::Tensor& gb) {
   const int64_t M = gy2.size(0), N = gy2.size(1);
-  const bool relu = y2.defined();
+  const bool activation = act != Activation::None;
   const bool gemms = (gx2.defined() && gx2.numel() > 0) || (gw.defined() && gw.numel() > 0);
   at::Tensor g = gy2;
-  if (relu && gemms) g = new_output({M, N}, gy2.options());
+  if (activation && gemms) g = new_output({M, N}, gy2.options());
   scalar_t* gbp = gb.defined() ? gb.data_ptr<scalar_t>() : nullptr;
-  masked_grad<scalar_t>(gy2.const_data_ptr<scalar_t>(), relu ? y2.const_data_ptr<scalar_t>() : nullptr,
-                        relu && gemms ? g.data_ptr<scalar_t>() : nullptr, gbp, M, N, gy2.options());
+  masked_grad<scalar_t>(gy2.const_data_ptr<scalar_t>(), activation ? s2.const_data_ptr<scalar_t>() : nullptr, act,
+                        activation && gemms ? g.data_ptr<scalar_t>() : nullptr, gbp, M, N, gy2.options());
   if (gx2.defined()) {
     VendorGemm p;
     p.c = gx2, p.a = g, p.b = blas_ready(w);
