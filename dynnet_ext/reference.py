@@ -61,9 +61,9 @@ def dynamic_net_backward(grad_out, x, w_in, b_in, w_h, b_h, w_out, b_out, acts, 
     for k in range(1, depth + 1):
         h = _SavedReLU.apply(linear_act(h, w_h, b_h, "none"), hs[k])
     out = linear_act(h, w_out, b_out, "none")
-    grads = iter(torch.autograd.grad(out, [p for p in leaves if p is not None], grad_out, allow_unused=True))
-    full = [None if p is None else next(grads) for p in leaves]
-    return [torch.zeros_like(p) if g is None and p is not None else g for g, p in zip(full, leaves)]
+    present = [p for p in leaves if p is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True, materialize_grads=True))
+    return [None if p is None else next(grads) for p in leaves]
 
 
 class DynamicNet(nn.Module):
