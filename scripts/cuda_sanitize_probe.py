@@ -4,7 +4,7 @@
     compute-sanitizer --tool memcheck --error-exitcode 9 python scripts/cuda_sanitize_probe.py
 
 Each forced path (custom, vendor) and the automatic rule; float32 and bfloat16; the layer ops at
-tile edges (forward, backward with every gradient) and the network ops on their one-launch
+tile edges with ReLU and a smooth activation (forward, backward with every gradient) and the network ops on their one-launch
 kernels (an H past 256 takes the chain of layer calls). Results are checked against
 dynnet_ext.reference (the layers in float64, the network in its own dtype, as the tests do), with
 float32's and bfloat16's tolerances, so a kernel that runs clean but computes wrong fails too. Small on purpose: every CUDA call is slow under the tools.
@@ -20,7 +20,9 @@ import dynnet_ext
 from dynnet_ext import ops, reference
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=3e-2)}
-LAYERS = [(130, 97, 100), (66, 40, 65)]  # M, K, N: partial tiles in every dimension
+# M, K, N: partial tiles in every dimension; each shape with ReLU and with a smooth activation
+# (the epilogue that writes z beside y, the derivative applied as grad_y is loaded).
+LAYERS = [(130, 97, 100, "gelu"), (66, 40, 65, "silu")]
 NETS = [(37, 45, 251, 7, 2), (9, 13, 5, 3, 3), (11, 6, 257, 3, 1)]  # N, D_in, H, D_out, depth
 
 
@@ -32,15 +34,21 @@ def close(name, got, want, dtype, failures):
 def probe(path, dtype, failures, device="cuda"):
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(*s, device=device, generator=g).to(dtype)
-    for M, K, N in LAYERS:
+    for M, K, N, smooth in LAYERS:
         x, w, b, gy = rand(M, K), rand(N, K) / K**0.5, rand(N), rand(M, N)
-        y = torch.ops.dynnet.linear_relu(x, w, b, "relu")
-        grads = torch.ops.dynnet.linear_relu_backward(gy, x, w, y, "relu", [True, True, True])
         up = [t.double() for t in (x, w, b)]
-        close(f"{path} {dtype} linear_relu {M}x{K}x{N}", y, reference.linear_act(*up, "relu"), dtype, failures)
-        for name, got, want in zip(("grad_x", "grad_w", "grad_b"), grads,
-                                   reference.linear_act_backward(gy.double(), *up, "relu")):
-            close(f"{path} {dtype} {name} {M}x{K}x{N}", got, want, dtype, failures)
+        for act in ("relu", smooth):
+            if act == "relu":
+                y = saved = torch.ops.dynnet.linear_relu(x, w, b, act)
+            else:
+                y, saved = torch.ops.dynnet.linear_act(x, w, b, act)
+                close(f"{path} {dtype} linear_act z {M}x{K}x{N}", saved, reference.linear_act(*up, "none"), dtype,
+                      failures)
+            grads = torch.ops.dynnet.linear_relu_backward(gy, x, w, saved, act, [True, True, True])
+            close(f"{path} {dtype} {act} {M}x{K}x{N}", y, reference.linear_act(*up, act), dtype, failures)
+            for name, got, want in zip(("grad_x", "grad_w", "grad_b"), grads,
+                                       reference.linear_act_backward(gy.double(), *up, act)):
+                close(f"{path} {dtype} {act} {name} {M}x{K}x{N}", got, want, dtype, failures)
     for n, d_in, h, d_out, depth in NETS:
         params = [rand(h, d_in) / d_in**0.5, rand(h), rand(h, h) / h**0.5, rand(h), rand(d_out, h) / h**0.5,
                   rand(d_out)]
