@@ -473,7 +473,8 @@ dynamic_net_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
     GemmGroupBuilder<scalar_t> group;
     group.gemm(Role::GradWeight, Gp, nullptr, x2.const_data_ptr<scalar_t>(), nullptr, gw_in.data_ptr<scalar_t>(), H,
                D_in, M, Activation::None);
-    group.gemm(Role::GradWeight, Gp + M * H, nullptr, ap, nullptr, gw_h.data_ptr<scalar_t>(), H, H, depth * M, Activation::None);
+    group.gemm(Role::GradWeight, Gp + M * H, nullptr, ap, nullptr, gw_h.data_ptr<scalar_t>(), H, H, depth * M,
+               Activation::None);
     group.gemm(Role::GradWeight, go.const_data_ptr<scalar_t>(), nullptr, ap + depth * M * H, nullptr,
                gw_out.data_ptr<scalar_t>(), D_out, H, M, Activation::None);
     group.colsum(Gp, nullptr, gb_in.data_ptr<scalar_t>(), M, H, Activation::None);

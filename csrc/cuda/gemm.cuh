@@ -118,7 +118,8 @@ constexpr bool b_reduction_contiguous(Role r) { return r == Role::Forward; }
 template <typename scalar_t>
 struct GroupProblem {
   const scalar_t* a;     // A (ColSum: the summed matrix, red x cols)
-  const scalar_t* y;     // gradient roles with an activation: its saved tensor (ReLU's y, a smooth one's z), laid out as a
+  const scalar_t* y;     // gradient roles with an activation: its saved tensor (ReLU's y, a smooth
+                         // one's z), laid out as a; else null
   const scalar_t* b;     // B
   const scalar_t* bias;  // Forward: added in the epilogue, or null
   scalar_t* c;           // C, rows x cols, contiguous (ColSum: cols sums)
@@ -350,8 +351,9 @@ __device__ __forceinline__ void gemm_tile(const GroupProblem<scalar_t>& p, int64
 // ---- column sums ------------------------------------------------------------------------------
 
 // Sums of columns col0 .. col0 + 31 of g (rows [row_begin, row_end) of a; with y, the gradient at
-// the pre-activation of `act` as load_operand makes it; row stride `cols`) in a fixed order: warp w takes rows row_begin + w, + 8, .. in order,
-// then the 8 partials are added in warp order. Optionally writes g itself to g_out (same layout).
+// the pre-activation of `act` as load_operand makes it; row stride `cols`) in a fixed order: warp
+// w takes rows row_begin + w, + 8, .. in order, then the 8 partials are added in warp order.
+// Optionally writes g itself to g_out (same layout).
 // Returns, in the lanes of warp 0, the sum of column col0 + lane (other threads: unspecified).
 // partial: kThreads values of shared memory. Called by all 256 threads.
 template <typename scalar_t>

@@ -136,8 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     const scalar_t* gyp = gy2.const_data_ptr<scalar_t>();
     const scalar_t* sp = s2.defined() ? s2.const_data_ptr<scalar_t>() : nullptr;
     GemmGroupBuilder<scalar_t> group;
-    if (need_gx) group.gemm(Role::GradInput, gyp, sp, w.const_data_ptr<scalar_t>(), nullptr, gx.data_ptr<scalar_t>(), M, K, N, act);
-    if (need_gw) group.gemm(Role::GradWeight, gyp, sp, x2.const_data_ptr<scalar_t>(), nullptr, gw.data_ptr<scalar_t>(), N, K, M, act);
+    if (need_gx)
+      group.gemm(Role::GradInput, gyp, sp, w.const_data_ptr<scalar_t>(), nullptr, gx.data_ptr<scalar_t>(), M, K, N, act);
+    if (need_gw)
+      group.gemm(Role::GradWeight, gyp, sp, x2.const_data_ptr<scalar_t>(), nullptr, gw.data_ptr<scalar_t>(), N, K, M,
+                 act);
     if (need_gb) group.colsum(gyp, sp, gb.data_ptr<scalar_t>(), M, N, act);
     group.run();
   });

@@ -90,8 +90,8 @@ PLANTED_BUGS = [
         "act == Activation::GeluTanh || act == Activation::Gelu", "expr", WRONG,
         "exact GELU's derivative takes the tanh approximation's branch",
         context="if (act == Activation::GeluTanh) {\n    const T z2"),
-    Bug("epilogue-z-not-saved-for-one-tile", "cuda/gemm.cuh", "p.z != nullptr", "p.z != nullptr && (row >= 16 || col >= 16)",
-        "expr", WRONG, "the pre-activation z not written for the first tile's outputs"),
+    Bug("epilogue-z-not-saved-for-one-tile", "cuda/gemm.cuh", "p.z != nullptr",
+        "p.z != nullptr && (row >= 16 || col >= 16)", "expr", WRONG, "the pre-activation z not written for the first tile's outputs"),
     Bug("epilogue-no-smooth-activation", "cuda/gemm.cuh", "is_smooth(p.act)", "false", "expr", WRONG,
         "the forward epilogue skips a smooth activation (y = z)"),
     # vendor.cuh: the vendor path's host logic and its own pass
