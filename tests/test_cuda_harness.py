@@ -17,6 +17,7 @@ import cuda_harness
 import dynnet_ext
 from conftest import tol
 from dynnet_ext import reference
+from dynnet_ext.ops.activations import SMOOTH_ACTIVATIONS
 from harness import planted
 
 
@@ -316,7 +317,7 @@ def test_probe_linear_relu(H, probe_path, shape):
     probe_linear(H, *shape, torch.float32)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", SMOOTH_ACTIVATIONS)
 @pytest.mark.parametrize("shape", PROBE_LINEAR, ids=str)
 def test_probe_linear_act(H, probe_path, shape, activation):
     probe_linear_act(H, *shape, torch.float32, activation)

@@ -22,6 +22,7 @@ import torch
 import cuda_harness
 from conftest import TOLERANCES, tol
 from dynnet_ext import BUILD_INFO, LinearReLUFunction, functional, has_kernels, reference
+from dynnet_ext.ops.activations import SMOOTH_ACTIVATIONS
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -119,7 +120,7 @@ def test_backward(target, shape, dtype, bias, activation):
         assert gb.shape == (0,)
 
 
-SMOOTH = ["gelu", "gelu_tanh", "silu"]
+SMOOTH = SMOOTH_ACTIVATIONS
 # Tile edges both ways, several reduction slices, rows that do and do not allow vector loads.
 SMOOTH_SHAPES = [((63,), 33, 65), ((130,), 97, 100), ((2, 33), 40, 65), ((64,), 1000, 100), ((5,), 0, 3)]
 

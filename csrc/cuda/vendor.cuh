@@ -21,8 +21,8 @@
 //                                 atomics: bitwise reproducible)
 //   grad_x = g @ weight           cuBLAS
 //   grad_w = g.T @ x2             cuBLAS
-// Without an activation ('none'), g is grad_y itself and the pass only sums. Empty dimensions never reach cuBLAS:
-// a zero-length reduction writes zeros (or the bias) directly.
+// Without an activation ('none'), g is grad_y itself and the pass only sums. Empty dimensions
+// never reach cuBLAS: a zero-length reduction writes zeros (or the bias) directly.
 //
 // Column sums (masked_grad_kernel): blocks of 256 threads own 32 columns (gemm.cuh's column_sums:
 // lane = column, coalesced; warps take rows in order); when the columns alone give too few blocks

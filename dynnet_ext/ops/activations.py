@@ -3,7 +3,9 @@
     relu       F.relu                          in the GEMM's store
     gelu       F.gelu (exact, erf)             the CPU engine's own pass after its GEMM; stock's
     gelu_tanh  F.gelu(approximate="tanh")        op after ATen's GEMM (large products, float64,
-    silu       F.silu                            no AVX2) and on CUDA; the backward saves z
+    silu       F.silu                            no AVX2); CUDA: the custom kernels' store in
+                                                 stock's CUDA formulas, stock's op after cuBLAS;
+                                                 the backward saves z
     none       the identity                    the kernels (no activation)
 
 torch.ops.dynnet.linear_relu takes all five. Its backward needs y for ReLU (the mask) and the
