@@ -35,7 +35,8 @@ def simde_include():
 
 
 def _flags():
-    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-DDYNNET_CPU_HARNESS", f"-I{simde_include()}"]
+    flags = ["-std=c++20", "-O2", "-fno-trapping-math", "-fPIC", "-shared", "-DDYNNET_CPU_HARNESS",
+             f"-I{simde_include()}"]  # -fno-trapping-math: as setup.py builds the extension
     # SIMDe builds each 512-bit operation from the host's own vectors; AVX2 makes the emulation
     # faster where the CPU has it (the results are the same up to the FMA's rounding).
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
@@ -74,7 +75,8 @@ def load():
         fn = lib.dynnet_harness_gemm
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
-                       ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ptr, i64, i64, ctypes.c_int]
+                       ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ptr, i64, ctypes.c_int, ptr, i64, i64,
+                       ctypes.c_int]
         fn.restype = ctypes.c_int
         lib.dynnet_harness_fma_loop.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.dynnet_harness_fma_loop.restype = ctypes.c_double
@@ -92,10 +94,11 @@ def fma_loop_flops(kernels, iters):
 
 
 def gemm(a, b, *, kernels="avx512_bf16", form="packed", a_mask=None, bias=None, relu=False, mask_y=None,
-         tasks=1, by_panels=False):
+         act=None, z=None, tasks=1, by_panels=False):
     """C = epilogue(A @ B) by the emulated AVX-512 kernels: A (M, K), B (K, N) any strides (2-d
     views), a_mask (M, K) ReLU's backward mask on A, bias (N), mask_y (M, N) with unit column
-    stride. Returns C (M, N) contiguous, of A's dtype."""
+    stride, act a smooth activation (ACTS) in the store, z (M, N) contiguous, of A's dtype: where
+    the store writes the pre-activation (None: not kept). Returns C (M, N) contiguous, of A's dtype."""
     M, K = a.shape
     N = b.shape[1]
     c = torch.full((M, N), float("nan"), dtype=a.dtype)
@@ -108,7 +111,8 @@ def gemm(a, b, *, kernels="avx512_bf16", form="packed", a_mask=None, bias=None, 
     rc = load().dynnet_harness_gemm(int(kernels == "avx512_bf16"), DTYPES[a.dtype], FORMS[form], M, N, K,
                 ptr(a), a.stride(0), a.stride(1), ptr(a_mask), am.stride(0), am.stride(1),
                 ptr(b), b.stride(0), b.stride(1), ptr(c), c.stride(0), ptr(bias), int(relu),
-                ptr(mask_y), 0 if mask_y is None else mask_y.stride(0), tasks, int(by_panels))
+                ptr(mask_y), 0 if mask_y is None else mask_y.stride(0), -1 if act is None else ACTS[act],
+                ptr(z), 0 if z is None else z.stride(0), tasks, int(by_panels))
     if rc != 0:
         raise ValueError(f"the harness refused the problem (code {rc}): form {form!r} cannot run it")
     return c

@@ -94,6 +94,41 @@ def test_half_types_edges(dtype, k, cpu_gemm_isa):
     torch.testing.assert_close(y, reference.linear_act(x.float(), w.float(), b.float(), "relu").to(dtype), **tol(dtype))
 
 
+SMOOTH_SHAPES = [(1, 1, 1), (7, 37, 17), (13, 257, 65), (5, 1025, 100), (40, 600, 9)]  # (m, k, n): tile and K-block edges
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_smooth_activation_in_the_store(activation, dtype, cpu_gemm_isa, cpu_gemm_form):
+    # The engine's store rounds z, writes it (linear_act) and runs the activation over each block
+    # of stored tiles: z is the 'none' layer's bits; y is linear_relu's, and each element's
+    # activation of z is what the same code gives that value alone (a one-column layer, z x [[1]]),
+    # whatever the tile, panel, K-block or thread count it came from; and y is within the dtype of
+    # stock's op. With ATen's GEMMs (`aten`) the activation is stock's op itself: its bits.
+    one = torch.ones(1, 1, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        for m, k, n in SMOOTH_SHAPES:
+            x = torch.randn(m, k).to(dtype)
+            w, b = (torch.randn(n, k) / k**0.5).to(dtype), torch.randn(n).to(dtype)
+            results = []
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                y, z = OPS.linear_act(x, w, b, activation)
+                assert torch.equal(z, OPS.linear_relu(x, w, b, "none")), (m, k, n, t)
+                assert torch.equal(y, OPS.linear_relu(x, w, b, activation)), (m, k, n, t)
+                results.append(y)
+            if cpu_gemm_isa == "aten":  # (whose BLAS gives other bits on other thread counts)
+                assert torch.equal(y, stock_activation(z, activation)), (m, k, n)
+                continue
+            assert torch.equal(results[0], results[1]), (m, k, n)
+            alone = OPS.linear_act(z.reshape(-1, 1), one, None, activation)[0].view_as(z)
+            assert torch.equal(y, alone), (m, k, n)
+            torch.testing.assert_close(y, stock_activation(z.float(), activation).to(dtype), **tol(dtype))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_epilogue_nan(cpu_gemm_isa, cpu_gemm_form):
     # ReLU keeps NaN (torch.relu does), and the backward mask lets the gradient through where y
     # is NaN (threshold_backward does).

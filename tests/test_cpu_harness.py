@@ -106,6 +106,32 @@ def test_against_reference(engine, shape, layout):
         assert torch.equal(results["direct"].nan_to_num(7), results["packed"].nan_to_num(7))
 
 
+@pytest.mark.parametrize("act", list(cpu_harness.ACTS))
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: f"{e[0]}-{str(e[1])[6:]}")
+def test_smooth_activation_in_the_store(engine, act):
+    # A smooth activation in the store (the forward's, and B with contiguous rows for the direct
+    # form): z is the plain store's C, bit for bit, and C the activation kernel's act(z) - with z
+    # kept or not, on one task and on three (by rows, by panels).
+    kernels, dtype = engine
+    for M, N, K in [(5, 17, 3), (7, 65, 257), (13, 130, 256), (100, 20, 3001)]:
+        gen = torch.Generator().manual_seed(M * 1000003 + N * 1009 + K)
+        bias = (torch.randn(N, generator=gen) * 0.1).to(dtype)
+        for layout, forms in (("forward", ["packed", "dot"]), ("grad_x", ["direct"])):
+            a, b, _ = operands(layout, M, N, K, dtype, gen)
+            for form in forms:
+                if form != "packed" and dtype != F32:
+                    continue  # the dot and direct forms are float32's
+                plain = cpu_harness.gemm(a, b, kernels=kernels, form=form, bias=bias)
+                want = cpu_harness.activation(plain, act, kernels=kernels)
+                z = torch.full_like(plain, float("nan"))
+                c = cpu_harness.gemm(a, b, kernels=kernels, form=form, bias=bias, act=act, z=z)
+                assert torch.equal(z, plain) and torch.equal(c, want), (M, N, K, form)
+                for tasks, by_panels in ((1, False), (3, False), (3, True)):
+                    other = cpu_harness.gemm(a, b, kernels=kernels, form=form, bias=bias, act=act, tasks=tasks,
+                                             by_panels=by_panels)
+                    assert torch.equal(other, want), (M, N, K, form, tasks, by_panels)
+
+
 def test_relu_keeps_nan_and_refuses_unrunnable_forms():
     a = torch.ones(7, 9, dtype=BF16)
     a[3, 2] = float("nan")

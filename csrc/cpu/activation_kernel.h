@@ -1,8 +1,9 @@
 // The smooth activations of the fused layers and their derivatives, elementwise, for the ISA
 // units (included by gemm_kernel.h, so inside their anonymous namespace and `#pragma GCC
 // target`). Written as branch-free scalar float code that the compiler vectorises for the unit's
-// instruction set (-O3): the loops below carry no calls (everything is forced inline) and no
-// branches.
+// instruction set: the loops below carry no calls (everything is forced inline) and no branches
+// once GCC may blend the selects, which needs -fno-trapping-math (setup.py; tests/test_build.py
+// checks that every loop vectorises).
 //
 //   gelu       y = z Phi(z),  Phi(z) = erfc(-z / sqrt 2) / 2             y' = Phi(z) + z phi(z)
 //   gelu_tanh  y = z s(2u),   u = sqrt(2/pi) (z + 0.044715 z^3), s = 1 / (1 + e^-x) (the logistic)

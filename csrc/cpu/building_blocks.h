@@ -21,9 +21,10 @@
 namespace dynnet {
 
 // y2 = act(x2 @ weight.T + bias) for 2-d x2 (M, K), y2 (M, N) with contiguous rows, any M
-// (a caller may pass a slice of rows). Defined in linear_relu.cpp.
+// (a caller may pass a slice of rows); z2 (the same shape, when defined) gets the pre-activation
+// of a smooth activation. Defined in linear_relu.cpp.
 void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weight,
-                   const std::optional<at::Tensor>& bias, Activation act);
+                   const std::optional<at::Tensor>& bias, Activation act, const at::Tensor& z2 = {});
 
 // Runs fn(t) for t in [0, tasks), one task per thread (fewer threads than tasks: several each).
 // The tasks call ATen directly (at::cpu::mm_out: no dispatcher) or make views; on an OpenMP

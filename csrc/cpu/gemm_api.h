@@ -12,8 +12,8 @@ namespace dynnet {
 namespace gemm {
 
 enum class DType : int { F32, BF16, F16 };
-// The smooth activations the kernels compute elementwise (activation_kernel.h); ReLU lives in the
-// GEMM's store (Epilogue).
+// The smooth activations the kernels compute elementwise (activation_kernel.h), in the GEMM's
+// store (Epilogue) and on their own.
 enum class Act : int { Gelu, GeluTanh, Silu };
 // The 16-bit storage types, as raw bits (the ISA units see no c10 types).
 struct bf16_t { uint16_t x; };
@@ -32,10 +32,18 @@ struct View {
 //                                           as threshold_backward: NaN in y lets v through)
 //   C(i, j) = round(v) to the dtype        (once: fp32 accumulates every K-block in registers or,
 //                                           for float32 only, in C itself)
+// With a smooth activation (smooth), the last step is instead
+//   z(i, j) = round(v)                     (z.p != nullptr: linear_act's saved pre-activation)
+//   C(i, j) = round(act(round(v)))         (from the rounded value, as stock's activation op
+//                                           computes it from the linear's output)
+// applied to each micro-tile right after its store, while it is in L1 (activation_kernel.h).
 struct Epilogue {
   const void* bias = nullptr;  // (N), the problem's dtype
   bool relu = false;
   View mask_y;  // (M, N) view with cs == 1, the problem's dtype
+  bool smooth = false;
+  Act act = Act::Gelu;  // when smooth
+  View z;  // (M, N) view with cs == 1, the problem's dtype
 };
 
 // C (M, N) = A (M, K) @ B (K, N), then the epilogue; fp32 accumulation for every dtype.
@@ -101,7 +109,8 @@ struct Kernels {
   void (*column_sums)(DType dtype, const void* g, int64_t ld, const void* y, int64_t y_ld, int64_t rows, int64_t c0,
                       int64_t c1, void* out);
   // y[i] = act(z[i]) and g[i] = gy[i] act'(z[i]) for i < n, contiguous, in fp32, each result
-  // rounded once to the dtype (activation_kernel.h). y may be z (in place).
+  // rounded once to the dtype (activation_kernel.h). y may be z (in place). The ops' forward
+  // runs `activation`'s code in the GEMM's store (Epilogue::smooth); the CPU harness calls it alone.
   void (*activation)(DType dtype, Act act, const void* z, void* y, int64_t n);
   void (*activation_grad)(DType dtype, Act act, const void* gy, const void* z, void* g, int64_t n);
 };

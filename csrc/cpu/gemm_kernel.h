@@ -312,6 +312,22 @@ ABlock pack_a_block(const Problem& p, int64_t ib, int64_t ie, int64_t k0, int64_
 }
 
 // ------------------------------------------------------------------------------------------
+// The smooth activations (the epilogue's last step, and the backward's g pass).
+
+#include "activation_kernel.h"
+
+// C(i, j) = act(src(i, j)) for rows [0, R) and columns [0, w) of a block whose GEMM store has just
+// been written (src: z, or C itself, row strides lds and ldc): still in L1, so the activation
+// costs no pass over memory. Called once per row tile and chunk of panels (both forms), not per
+// micro-tile, so the call is spread over up to a few hundred elements a row.
+template <class I, typename T>
+[[gnu::noinline]] void activate_block(Act act, const void* src, int64_t lds, void* c, int64_t ldc, int64_t R,
+                                      int64_t w) {
+  for (int64_t i = 0; i < R; ++i)
+    activation_typed<I, T>(act, static_cast<const T*>(src) + i * lds, static_cast<T*>(c) + i * ldc, w);
+}
+
+// ------------------------------------------------------------------------------------------
 // The micro-kernel: R rows x NV vectors of C, kcb steps of k.
 
 struct TileArgs {
@@ -323,6 +339,8 @@ struct TileArgs {
   int btail;       // valid lanes of the panel's last B vector: W when packed (zero-padded)
   void* c;         // C(i, j) at c[i * ldc + j], already offset to the tile
   int64_t ldc;
+  void* out;       // where the last K-block stores (C, or z before a smooth activation), row stride ldo
+  int64_t ldo;
   int nlast;                 // valid lanes of the last vector (1..W)
   const void* bias;          // offset to the tile's first column, or nullptr
   const void* mask_y;        // offset to the tile, row stride ldm, or nullptr
@@ -383,7 +401,7 @@ void micro_kernel(const TileArgs& t) {
         if (t.bias) r = I::add(r, I::load(static_cast<const T*>(t.bias) + v * I::W, n));
         if (t.relu) r = I::relu(r);
         if (t.mask_y) r = I::mask_le0(I::load(static_cast<const T*>(t.mask_y) + i * t.ldm + v * I::W, n), r);
-        I::store(static_cast<T*>(t.c) + i * t.ldc + v * I::W, r, n);
+        I::store(static_cast<T*>(t.out) + i * t.ldo + v * I::W, r, n);
       } else {
         I::store(static_cast<float*>(t.c) + i * t.ldc + v * I::W, r, n);
       }
@@ -427,9 +445,14 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   const T* bias = static_cast<const T*>(p.epi.bias);
   const T* mask = static_cast<const T*>(p.epi.mask_y.p);
   const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
+  // The last K-block stores to z when the activation's input is kept, and the activation runs
+  // over the stored block (activate_block).
+  T* const z = static_cast<T*>(const_cast<void*>(p.epi.z.p));
+  const int64_t ldo = z ? p.epi.z.rs : p.ldc;
 
   TileArgs t;
   t.ldc = p.ldc;
+  t.ldo = ldo;
   t.ldm = p.epi.mask_y.rs;
   t.relu = p.epi.relu;
   // The row tile [i, i + R) of K-block q across panels [c0, c1): A's sliver at `a` with strides
@@ -448,6 +471,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
       const int64_t w = std::min<int64_t>(I::NR, N - j0);
       const int NV = static_cast<int>((w + I::W - 1) / I::W);
       t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
+      t.out = z ? z + i * ldo + j0 : t.c;
       t.nlast = static_cast<int>(w - (NV - 1) * I::W);
       t.b = direct ? block + j0 : block + kcw * j0;
       t.ldb = direct ? p.b.rs : NV * I::W;
@@ -455,6 +479,11 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
       t.bias = bias ? bias + j0 : nullptr;
       t.mask_y = mask ? mask + i * p.epi.mask_y.rs + j0 : nullptr;
       table.fn[R - 1][NV - 1](t);
+    }
+    if (t.last && p.epi.smooth) {
+      const int64_t j0 = c0 * I::NR, j1 = std::min(N, c1 * I::NR);
+      T* const c = static_cast<T*>(p.c) + i * p.ldc;
+      activate_block<I, T>(p.epi.act, (z ? z + i * ldo : c) + j0, ldo, c + j0, p.ldc, R, j1 - j0);
     }
   };
 
@@ -532,6 +561,8 @@ struct DotArgs {
   int64_t kcb;
   float* c;  // offset to the tile
   int64_t ldc;
+  float* out;  // where the last K-block stores (C, or z before a smooth activation), row stride ldo
+  int64_t ldo;
   const float* bias;  // offset to the tile's first column, or nullptr
   bool relu, first, last;
 };
@@ -569,8 +600,10 @@ void dot_kernel(const DotArgs& t) {
     if (t.last) {
       if (t.bias) s = _mm256_add_ps(s, I::load8(t.bias, C));
       if (t.relu) s = _mm256_max_ps(_mm256_setzero_ps(), s);  // max returns its 2nd operand for NaN: keeps NaN
+      I::store8(t.out + i * t.ldo, s, C);
+    } else {
+      I::store8(c, s, C);
     }
-    I::store8(c, s, C);
   }
 }
 
@@ -597,7 +630,8 @@ void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) 
   const float* B = static_cast<const float*>(p.b.p);
   const float* bias = static_cast<const float*>(p.epi.bias);
   float* Cm = static_cast<float*>(p.c);
-  const int64_t lda = p.a.rs, ldb = p.b.cs;
+  float* const z = static_cast<float*>(const_cast<void*>(p.epi.z.p));  // the last K-block's store, when kept
+  const int64_t lda = p.a.rs, ldb = p.b.cs, ldo = z ? p.epi.z.rs : p.ldc;
   // Columns per chunk: their B rows (kc floats each) fill half of L2.
   const int64_t chunk = std::max<int64_t>(I::DC, I::L2_FLOATS / 2 / kc / I::DC * I::DC);
   const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
@@ -605,6 +639,7 @@ void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) 
   t.lda = lda;
   t.ldb = ldb;
   t.ldc = p.ldc;
+  t.ldo = ldo;
   t.relu = p.epi.relu;
   for (int64_t cc = c0; cc < c1; cc += chunk) {
     const int64_t ce = std::min(c1, cc + chunk);
@@ -620,9 +655,13 @@ void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) 
           const int C = static_cast<int>(std::min<int64_t>(I::DC, ce - j));
           t.b = B + j * ldb + k0;
           t.c = Cm + i * p.ldc + j;
+          t.out = z ? z + i * ldo + j : t.c;
           t.bias = bias ? bias + j : nullptr;
           table.fn[R - 1][C - 1](t);
         }
+        if (t.last && p.epi.smooth)
+          activate_block<I, float>(p.epi.act, (z ? z + i * ldo : Cm + i * p.ldc) + cc, ldo, Cm + i * p.ldc + cc, p.ldc,
+                                   R, ce - cc);
       }
     }
   }
@@ -716,8 +755,6 @@ template <class I>
 size_t scratch_floats(DType dtype, int64_t K) {  // one block of A slivers
   return static_cast<size_t>(I::MC * kc_for<I>(dtype, K));
 }
-
-#include "activation_kernel.h"
 
 template <class I>
 const Kernels* make_kernels(const char* name) {

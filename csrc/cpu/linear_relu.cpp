@@ -11,10 +11,10 @@
 // float64, float32 and (on AMX CPUs) bfloat16 at large products (gemm::kernels_for), or
 // DYNNET_EXT_CPU_GEMM=aten: ATen's addmm into y, the bias inside it as stock's F.linear has it,
 // then stock's ReLU in place.
-// GELU, GELU-tanh and SiLU (smooth): the GEMM as for 'none', then the activation in one
-// vectorised pass of the engine's (gemm::Kernels::activation, activation_kernel.h) where the
-// engine ran the GEMM, stock's op where ATen did - over y in place, or from z into y for
-// linear_act.
+// GELU, GELU-tanh and SiLU (smooth): where the engine runs the GEMM, its store rounds z to the
+// dtype (writing it for linear_act, which saves it) and the activation (activation_kernel.h) runs
+// over each block of stored tiles while they are in L1 - no pass over memory for it. Where ATen
+// runs the GEMM, stock's op after it: over y in place, or from z into y for linear_act.
 //
 // Backward, g = (y <= 0 ? 0 : grad_y) (g = grad_y for 'none'; g = grad_y * act'(z) for a smooth
 // activation, whose saved tensor is z: one pass writes g, then as for 'none'):
@@ -47,25 +47,8 @@ gemm::Act engine_act(Activation act) {
   return act == Activation::Gelu ? gemm::Act::Gelu : act == Activation::GeluTanh ? gemm::Act::GeluTanh : gemm::Act::Silu;
 }
 
-// y = act(z) for a smooth activation, z and y contiguous (y may be z): the engine's kernel when
+// grad_y * act'(z) for a smooth activation, a new contiguous tensor: the engine's kernel when
 // the engine ran the layer's GEMMs (`kern`), else stock's op, as ATen's path has stock's GEMMs.
-void apply_activation(const gemm::Kernels* kern, const at::Tensor& z, at::Tensor& y, Activation act) {
-  TORCH_INTERNAL_ASSERT(z.is_contiguous() && y.is_contiguous());
-  if (!kern) {
-    stock_activation_out(y, z, act);
-    return;
-  }
-  const gemm::DType dt = gemm::dtype_of(z.scalar_type());
-  const char* zp = static_cast<const char*>(z.const_data_ptr());
-  char* yp = static_cast<char*>(y.data_ptr());
-  const int64_t size = z.element_size();
-  at::parallel_for(0, z.numel(), kGrainElements, [&](int64_t i0, int64_t i1) {
-    kern->activation(dt, engine_act(act), zp + i0 * size, yp + i0 * size, i1 - i0);
-  });
-}
-
-// grad_y * act'(z) for a smooth activation, a new contiguous tensor; the engine's or stock's as
-// for apply_activation.
 at::Tensor activation_grad(const gemm::Kernels* kern, const at::Tensor& grad_y, const at::Tensor& z, Activation act) {
   if (!kern) return stock_activation_backward(grad_y, z, act).contiguous();
   const at::Tensor gy = grad_y.contiguous(), zc = z.contiguous();
@@ -121,9 +104,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& x, const at:
   at::Tensor z = at::empty(linear_out_shape(x, weight), options);
   at::Tensor y = at::empty(linear_out_shape(x, weight), options);
   if (M > 0 && N > 0) {
-    at::Tensor z2 = z.view({M, N});
-    linear_act_2d(z2, as_2d(x, M, K), weight, bias, Activation::None);
-    apply_activation(layer_kernels(x.scalar_type(), M, N, K), z, y, act);
+    at::Tensor y2 = y.view({M, N});
+    linear_act_2d(y2, as_2d(x, M, K), weight, bias, act, z.view({M, N}));
   }
   return {y, z};
 }
@@ -284,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
 }  // namespace
 
 void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weight,
-                   const std::optional<at::Tensor>& bias, Activation act) {
+                   const std::optional<at::Tensor>& bias, Activation act, const at::Tensor& z2) {
   const int64_t M = y2.size(0), N = y2.size(1);
   if (M == 0 || N == 0) return;
   if (const gemm::Kernels* kern = layer_kernels(x2.scalar_type(), M, N, x2.size(1))) {
@@ -293,8 +275,12 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
                                     y2.data_ptr(), y2.stride(0));
     p.epi.bias = b.defined() ? b.const_data_ptr() : nullptr;
     p.epi.relu = act == Activation::Relu;
+    if (is_smooth(act)) {
+      p.epi.smooth = true;
+      p.epi.act = engine_act(act);
+      if (z2.defined()) p.epi.z = gemm::view_of(z2);
+    }
     gemm::run(kern, {&p});
-    if (is_smooth(act)) apply_activation(kern, y2, y2, act);
     return;
   }
   // The bias goes into the GEMM (addmm: y filled with the bias, then accumulated into), as
@@ -304,13 +290,15 @@ void linear_act_2d(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& weigh
   // input features (K == 0) addmm returns the bias itself, as stock does. ReLU is stock's own
   // after it, in place: clamp_min(y, 0), which torch.relu is (vectorised in every dtype; a
   // scalar loop over bfloat16 took longer than the AMX GEMM before it).
+  // A smooth activation is stock's op, from z2 when it is kept (else in place).
+  at::Tensor lin = z2.defined() ? z2 : y2;
   if (bias.has_value()) {
-    at::cpu::addmm_out(y2, *bias, x2, weight.t());
+    at::cpu::addmm_out(lin, *bias, x2, weight.t());
   } else {
-    at::cpu::mm_out(y2, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
+    at::cpu::mm_out(lin, x2, weight.t());  // K == 0 gives zeros, as nn.Linear does
   }
   if (act == Activation::Relu) at::cpu::clamp_min_(y2, 0);
-  if (is_smooth(act)) apply_activation(nullptr, y2, y2, act);
+  if (is_smooth(act)) stock_activation_out(y2, lin, act);
 }
 
 TORCH_LIBRARY_IMPL(dynnet, CPU, m) {

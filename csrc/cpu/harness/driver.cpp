@@ -12,8 +12,8 @@ using namespace dynnet::gemm;
 extern "C" int dynnet_harness_gemm(int bf16_kernels, int dtype, int form, int64_t M, int64_t N, int64_t K,
                                    const void* a, int64_t a_rs, int64_t a_cs, const void* a_mask, int64_t am_rs,
                                    int64_t am_cs, const void* b, int64_t b_rs, int64_t b_cs, void* c, int64_t ldc,
-                                   const void* bias, int relu, const void* mask_y, int64_t mask_rs, int64_t tasks,
-                                   int by_panels) {
+                                   const void* bias, int relu, const void* mask_y, int64_t mask_rs, int act,
+                                   void* z, int64_t z_rs, int64_t tasks, int by_panels) {
   const Kernels* k = bf16_kernels ? avx512bf16_kernels() : avx512_kernels();
   if (k == nullptr || tasks < 1) return 1;
   Problem p;
@@ -21,6 +21,7 @@ extern "C" int dynnet_harness_gemm(int bf16_kernels, int dtype, int form, int64_
   p.a = {a, a_rs, a_cs}, p.a_mask_y = {a_mask, am_rs, am_cs}, p.b = {b, b_rs, b_cs};
   p.c = c, p.ldc = ldc;
   p.epi.bias = bias, p.epi.relu = relu != 0, p.epi.mask_y = {mask_y, mask_rs, 1};
+  if (act >= 0) p.epi.smooth = true, p.epi.act = static_cast<Act>(act), p.epi.z = {z, z_rs, 1};  // act < 0: none
 
   PackedB pb;
   std::vector<char> packed;
