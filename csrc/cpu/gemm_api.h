@@ -36,7 +36,8 @@ struct View {
 //   z(i, j) = round(v)                     (z.p != nullptr: linear_act's saved pre-activation)
 //   C(i, j) = round(act(round(v)))         (from the rounded value, as stock's activation op
 //                                           computes it from the linear's output)
-// applied to each micro-tile right after its store, while it is in L1 (activation_kernel.h).
+// applied to each row tile's run of stored panels right after the stores, while it is in L1
+// (activation_kernel.h).
 struct Epilogue {
   const void* bias = nullptr;  // (N), the problem's dtype
   bool relu = false;
