@@ -33,7 +33,8 @@ struct View {
 //   C(i, j) = round(v) to the dtype        (once: fp32 accumulates every K-block in registers or,
 //                                           for float32 only, in C itself)
 // With a smooth activation (smooth), the last step is instead
-//   z(i, j) = round(v)                     (z.p != nullptr: linear_act's saved pre-activation)
+//   z(i, j) = round(v)                     (z.p != nullptr: linear_act's saved pre-activation;
+//                                           float32's partial sums then accumulate in z)
 //   C(i, j) = round(act(round(v)))         (from the rounded value, as stock's activation op
 //                                           computes it from the linear's output)
 // applied to each row tile's run of stored panels right after the stores, while it is in L1

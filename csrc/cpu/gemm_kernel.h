@@ -339,8 +339,6 @@ struct TileArgs {
   int btail;       // valid lanes of the panel's last B vector: W when packed (zero-padded)
   void* c;         // C(i, j) at c[i * ldc + j], already offset to the tile
   int64_t ldc;
-  void* out;       // where the last K-block stores (C, or z before a smooth activation), row stride ldo
-  int64_t ldo;
   int nlast;                 // valid lanes of the last vector (1..W)
   const void* bias;          // offset to the tile's first column, or nullptr
   const void* mask_y;        // offset to the tile, row stride ldm, or nullptr
@@ -401,7 +399,7 @@ void micro_kernel(const TileArgs& t) {
         if (t.bias) r = I::add(r, I::load(static_cast<const T*>(t.bias) + v * I::W, n));
         if (t.relu) r = I::relu(r);
         if (t.mask_y) r = I::mask_le0(I::load(static_cast<const T*>(t.mask_y) + i * t.ldm + v * I::W, n), r);
-        I::store(static_cast<T*>(t.out) + i * t.ldo + v * I::W, r, n);
+        I::store(static_cast<T*>(t.c) + i * t.ldc + v * I::W, r, n);
       } else {
         I::store(static_cast<float*>(t.c) + i * t.ldc + v * I::W, r, n);
       }
@@ -445,14 +443,14 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
   const T* bias = static_cast<const T*>(p.epi.bias);
   const T* mask = static_cast<const T*>(p.epi.mask_y.p);
   const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
-  // The last K-block stores to z when the activation's input is kept, and the activation runs
-  // over the stored block (activate_block).
-  T* const z = static_cast<T*>(const_cast<void*>(p.epi.z.p));
-  const int64_t ldo = z ? p.epi.z.rs : p.ldc;
+  // When the activation's input is kept, the GEMM runs into z (its partial sums too) and the
+  // activation reads each stored block from there into C (activate_block).
+  T* const out = static_cast<T*>(p.c);
+  T* const cm = p.epi.z.p ? static_cast<T*>(const_cast<void*>(p.epi.z.p)) : out;
+  const int64_t ldc = p.epi.z.p ? p.epi.z.rs : p.ldc;
 
   TileArgs t;
-  t.ldc = p.ldc;
-  t.ldo = ldo;
+  t.ldc = ldc;
   t.ldm = p.epi.mask_y.rs;
   t.relu = p.epi.relu;
   // The row tile [i, i + R) of K-block q across panels [c0, c1): A's sliver at `a` with strides
@@ -470,8 +468,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
       const int64_t j0 = jp * I::NR;
       const int64_t w = std::min<int64_t>(I::NR, N - j0);
       const int NV = static_cast<int>((w + I::W - 1) / I::W);
-      t.c = static_cast<T*>(p.c) + i * p.ldc + j0;
-      t.out = z ? z + i * ldo + j0 : t.c;
+      t.c = cm + i * ldc + j0;
       t.nlast = static_cast<int>(w - (NV - 1) * I::W);
       t.b = direct ? block + j0 : block + kcw * j0;
       t.ldb = direct ? p.b.rs : NV * I::W;
@@ -482,8 +479,7 @@ void compute_rect(const Problem& p, const PackedB& pb, int64_t r0, int64_t r1, i
     }
     if (t.last && p.epi.smooth) {
       const int64_t j0 = c0 * I::NR, j1 = std::min(N, c1 * I::NR);
-      T* const c = static_cast<T*>(p.c) + i * p.ldc;
-      activate_block<I, T>(p.epi.act, (z ? z + i * ldo : c) + j0, ldo, c + j0, p.ldc, R, j1 - j0);
+      activate_block<I, T>(p.epi.act, cm + i * ldc + j0, ldc, out + i * p.ldc + j0, p.ldc, R, j1 - j0);
     }
   };
 
@@ -561,8 +557,6 @@ struct DotArgs {
   int64_t kcb;
   float* c;  // offset to the tile
   int64_t ldc;
-  float* out;  // where the last K-block stores (C, or z before a smooth activation), row stride ldo
-  int64_t ldo;
   const float* bias;  // offset to the tile's first column, or nullptr
   bool relu, first, last;
 };
@@ -600,10 +594,8 @@ void dot_kernel(const DotArgs& t) {
     if (t.last) {
       if (t.bias) s = _mm256_add_ps(s, I::load8(t.bias, C));
       if (t.relu) s = _mm256_max_ps(_mm256_setzero_ps(), s);  // max returns its 2nd operand for NaN: keeps NaN
-      I::store8(t.out + i * t.ldo, s, C);
-    } else {
-      I::store8(c, s, C);
     }
+    I::store8(c, s, C);
   }
 }
 
@@ -629,17 +621,17 @@ void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) 
   const float* A = static_cast<const float*>(p.a.p);
   const float* B = static_cast<const float*>(p.b.p);
   const float* bias = static_cast<const float*>(p.epi.bias);
-  float* Cm = static_cast<float*>(p.c);
-  float* const z = static_cast<float*>(const_cast<void*>(p.epi.z.p));  // the last K-block's store, when kept
-  const int64_t lda = p.a.rs, ldb = p.b.cs, ldo = z ? p.epi.z.rs : p.ldc;
+  // With the activation's input kept, the GEMM runs into z and the activation reads it from there.
+  float* const out = static_cast<float*>(p.c);
+  float* const Cm = p.epi.z.p ? static_cast<float*>(const_cast<void*>(p.epi.z.p)) : out;
+  const int64_t lda = p.a.rs, ldb = p.b.cs, ldc = p.epi.z.p ? p.epi.z.rs : p.ldc;
   // Columns per chunk: their B rows (kc floats each) fill half of L2.
   const int64_t chunk = std::max<int64_t>(I::DC, I::L2_FLOATS / 2 / kc / I::DC * I::DC);
   const int64_t nblocks = K == 0 ? 1 : (K + kc - 1) / kc;
   DotArgs t;
   t.lda = lda;
   t.ldb = ldb;
-  t.ldc = p.ldc;
-  t.ldo = ldo;
+  t.ldc = ldc;
   t.relu = p.epi.relu;
   for (int64_t cc = c0; cc < c1; cc += chunk) {
     const int64_t ce = std::min(c1, cc + chunk);
@@ -654,14 +646,12 @@ void dot_rect(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) 
         for (int64_t j = cc; j < ce; j += I::DC) {
           const int C = static_cast<int>(std::min<int64_t>(I::DC, ce - j));
           t.b = B + j * ldb + k0;
-          t.c = Cm + i * p.ldc + j;
-          t.out = z ? z + i * ldo + j : t.c;
+          t.c = Cm + i * ldc + j;
           t.bias = bias ? bias + j : nullptr;
           table.fn[R - 1][C - 1](t);
         }
         if (t.last && p.epi.smooth)
-          activate_block<I, float>(p.epi.act, (z ? z + i * ldo : Cm + i * p.ldc) + cc, ldo, Cm + i * p.ldc + cc, p.ldc,
-                                   R, ce - cc);
+          activate_block<I, float>(p.epi.act, Cm + i * ldc + cc, ldc, out + i * p.ldc + cc, p.ldc, R, ce - cc);
       }
     }
   }
